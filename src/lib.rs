@@ -1,0 +1,128 @@
+//! oboe: a sidecar that validates a caller's token, obtains a downstream token
+//! on the caller's behalf, and forwards the request with it.
+//!
+//! The binary is a thin CLI over [`run`], which takes already-bound listeners
+//! and a shutdown future so tests run the real server on port 0.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod proxy;
+pub mod server;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use admin::Health;
+use config::Config;
+use proxy::Proxy;
+use telemetry::Metrics;
+
+/// The listeners oboe serves, bound by the caller.
+pub struct Listeners {
+    /// Where the app sends downstream calls.
+    pub proxy: TcpListener,
+    /// Probes and metrics.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds both addresses of `config`.
+    pub async fn bind(config: &Config) -> Result<Self, RunError> {
+        let bind = |addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Bind { addr, source })
+        };
+        Ok(Self {
+            proxy: bind(config.listen).await?,
+            admin: bind(config.admin.listen).await?,
+        })
+    }
+}
+
+/// Why oboe could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A listener could not be bound.
+    #[error("bind {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: std::net::SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The request path could not be built.
+    #[error("set up proxy: {0}")]
+    Setup(#[from] proxy::SetupError),
+}
+
+/// Installs aws-lc-rs as the process's rustls provider (once; later calls are no-ops).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Runs oboe until `shutdown` completes, then drains: readiness goes false,
+/// the proxy listener closes, and in-flight requests get `shutdown_grace` to finish.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    install_crypto_provider();
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let proxy = Arc::new(Proxy::new(&config, metrics.clone())?);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+
+    let admin_task = {
+        let (health, metrics) = (health.clone(), metrics.clone());
+        tokio::spawn(server::serve_simple(
+            listeners.admin,
+            move |req, _peer| admin::handle(req, health.clone(), metrics.clone()),
+            admin_stop_rx,
+        ))
+    };
+
+    let graceful = Arc::new(GracefulShutdown::new());
+    let proxy_task = tokio::spawn(server::serve_proxy(
+        listeners.proxy,
+        proxy,
+        config.limits.clone(),
+        metrics.clone(),
+        graceful.clone(),
+        stop_rx.clone(),
+    ));
+    health.set_serving();
+    tracing::info!(
+        listen = %config.listen,
+        admin = %config.admin.listen,
+        routes = config.routes.len(),
+        "oboe ready"
+    );
+
+    shutdown.await;
+    tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight requests");
+    health.set_draining();
+    // Stop accepting: the accept loop returns and drops the listener.
+    let _ = stop_tx.send(true);
+    let _ = proxy_task.await;
+    // The accept loop has ended, so this is the last reference.
+    if let Ok(graceful) = Arc::try_unwrap(graceful) {
+        match tokio::time::timeout(config.shutdown_grace, graceful.shutdown()).await {
+            Ok(()) => tracing::info!("all requests finished"),
+            Err(_) => tracing::warn!("shutdown grace elapsed with requests still in flight"),
+        }
+    }
+    let _ = admin_stop_tx.send(true);
+    let _ = admin_task.await;
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! The `oboe` command: parse arguments, load the route file, run. All the work
+//! lives in the library.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// On-Behalf-Of exchange sidecar.
+#[derive(Parser)]
+#[command(name = "oboe", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar.
+    Run {
+        /// The route file.
+        #[arg(long, env = "OBOE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Load and validate a route file; print every problem, or the effective
+    /// configuration with secrets redacted. Binds nothing.
+    Check {
+        /// The route file.
+        #[arg(long, env = "OBOE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run a complete local setup (echo upstream and proxy) on loopback.
+    Dev {
+        /// Proxy listener address.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: SocketAddr,
+    },
+    /// Print the JSON Schema of the route file.
+    Schema,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Schema => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&oboe::config::schema()).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Run { config } => {
+            oboe::telemetry::init_logging();
+            let config = match oboe::config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            block_on(async move {
+                let listeners = oboe::Listeners::bind(&config).await?;
+                oboe::run(config, listeners, shutdown_signal()).await
+            })
+        }
+        Command::Dev { listen } => {
+            if std::env::var_os("OBOE_LOG").is_none() {
+                init_dev_logging();
+            } else {
+                oboe::telemetry::init_logging();
+            }
+            block_on(oboe::dev::run(listen, shutdown_signal()))
+        }
+    }
+}
+
+fn init_dev_logging() {
+    let filter = tracing_subscriber::EnvFilter::new("info");
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match oboe::config::load(path) {
+        Ok(config) => {
+            match serde_saphyr::to_string(&config) {
+                Ok(yaml) => print!("# {}: OK\n{yaml}", path.display()),
+                Err(_) => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&config).unwrap_or_default()
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn block_on(future: impl std::future::Future<Output = Result<(), oboe::RunError>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(future) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("oboe: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
+async fn shutdown_signal() {
+    wait_for_signal().await;
+    tokio::spawn(async {
+        wait_for_signal().await;
+        eprintln!("oboe: second signal, exiting now");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,197 @@
+//! The request path. [`Proxy::handle`] reads top to bottom as the numbered
+//! steps every request goes through; each step is a function with one job.
+
+pub mod headers;
+mod observe;
+pub mod route;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use tokio::sync::Semaphore;
+
+use crate::config::{Config, Grant, Route};
+use crate::error::Error;
+use crate::telemetry::{Metrics, UpstreamErrorLabels};
+use headers::ClientInfo;
+use observe::{Observed, RequestGuard};
+use route::Router;
+use upstream::Upstreams;
+
+/// The body of every response oboe sends: the upstream's, streamed, or oboe's own.
+pub type ProxyBody = Observed<Either<Incoming, Full<Bytes>>>;
+
+/// Everything the request path needs, built once per configuration.
+pub struct Proxy {
+    router: Router,
+    upstreams: Upstreams,
+    metrics: Arc<Metrics>,
+    requests: Arc<Semaphore>,
+    max_requests: usize,
+}
+
+/// Why the proxy could not be built.
+pub type SetupError = upstream::SetupError;
+
+impl Proxy {
+    /// Builds the request path for `config`.
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Self, SetupError> {
+        Ok(Self {
+            router: Router::new(config.routes.iter().cloned()),
+            upstreams: Upstreams::new(&config.upstream)?,
+            metrics,
+            requests: Arc::new(Semaphore::new(config.limits.max_requests)),
+            max_requests: config.limits.max_requests,
+        })
+    }
+
+    /// Handles one request from the caller. Never fails: every error becomes a
+    /// problem response here, and accounting is settled when the body ends.
+    pub async fn handle(
+        &self,
+        request: Request<Incoming>,
+        client: ClientInfo,
+    ) -> Response<ProxyBody> {
+        // 1. Admission: a bounded number of requests in flight, never a queue.
+        let permit = self.requests.clone().try_acquire_owned().ok();
+        let overloaded = permit.is_none();
+        let mut guard = RequestGuard::new(self.metrics.clone(), request.method().clone(), permit);
+        let result = if overloaded {
+            Err(Error::Overloaded {
+                limit: self.max_requests,
+            })
+        } else {
+            self.forward(request, client, &mut guard).await
+        };
+        match result {
+            Ok(response) => {
+                guard.status = response.status();
+                guard.upstream_status = Some(response.status());
+                response.map(|body| Observed::new(Either::Left(body), guard))
+            }
+            Err(error) => self.fail(error, guard),
+        }
+    }
+
+    /// Steps 2 to 7: route, authorize, rewrite, call the upstream.
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        client: ClientInfo,
+        guard: &mut RequestGuard,
+    ) -> Result<Response<Incoming>, Error> {
+        // 2. Refuse paths that could be normalised into another route.
+        route::check_path(request.uri().path())?;
+
+        // 3. Route by longest prefix.
+        let (route, upstream_uri) = {
+            let matched = self
+                .router
+                .find(request.uri().path())
+                .ok_or(Error::NoRoute)?;
+            let uri = upstream_uri(matched.route, matched.rest, request.uri().query())?;
+            (matched.route.clone(), uri)
+        };
+        guard.route = Some(Arc::from(route.name.as_str()));
+
+        // 4. Decide what goes upstream in Authorization.
+        let (mut parts, body) = request.into_parts();
+        apply_grant(&route, &mut parts.headers);
+
+        // 5. Rewrite the request for the upstream.
+        let original_host = original_host(&parts);
+        headers::to_upstream(
+            &mut parts.headers,
+            &route.headers,
+            client,
+            original_host,
+            &route.upstream.host_header,
+        );
+        parts.uri = upstream_uri;
+        // The pooled client picks HTTP/2 by ALPN; the request itself is version-neutral.
+        parts.version = Version::HTTP_11;
+
+        // 6. Call the upstream; the timeout covers the wait for response headers.
+        let response = self
+            .upstreams
+            .send(Request::from_parts(parts, body), route.timeout)
+            .await
+            .inspect_err(|e| self.count_upstream_error(&route, e))?;
+
+        // 7. Drop hop-by-hop headers of the upstream's answer; the rest passes untouched.
+        let (mut parts, body) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        Ok(Response::from_parts(parts, body))
+    }
+
+    fn count_upstream_error(&self, route: &Route, error: &Error) {
+        if let Some(kind) = error.upstream_failure() {
+            self.metrics
+                .upstream_errors
+                .get_or_create(&UpstreamErrorLabels {
+                    route: route.name.clone(),
+                    kind: kind.as_str(),
+                })
+                .inc();
+        }
+    }
+
+    fn fail(&self, error: Error, mut guard: RequestGuard) -> Response<ProxyBody> {
+        let problem = error.problem();
+        match error.blame() {
+            crate::error::Blame::Caller => {
+                tracing::debug!(error = %error, route = guard.route.as_deref(), "request refused")
+            }
+            blame => tracing::warn!(
+                error = %error,
+                source = ?std::error::Error::source(&error).map(ToString::to_string),
+                blame = blame.as_str(),
+                route = guard.route.as_deref(),
+                "request failed"
+            ),
+        }
+        guard.status = problem.status;
+        guard.error = Some(problem.code);
+        let route = guard.route.clone();
+        problem
+            .into_response(route.as_deref())
+            .map(|body| Observed::new(Either::Right(body), guard))
+    }
+}
+
+/// The upstream URI: the route's scheme and authority, its base path in place
+/// of the prefix, and the caller's query.
+fn upstream_uri(route: &Route, rest: &str, query: Option<&str>) -> Result<Uri, Error> {
+    let path = route::upstream_path_and_query(&route.upstream.base_path, rest, query);
+    Uri::builder()
+        .scheme(route.upstream.scheme.clone())
+        .authority(route.upstream.authority.clone())
+        .path_and_query(path)
+        .build()
+        .map_err(|_| Error::BadRequest("the request target cannot be forwarded"))
+}
+
+/// The caller's `Host` (HTTP/1.1) or `:authority` (HTTP/2).
+fn original_host(parts: &http::request::Parts) -> Option<HeaderValue> {
+    parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
+}
+
+/// `none` strips the caller's credentials; `forward` keeps them as they are.
+fn apply_grant(route: &Route, headers: &mut http::HeaderMap) {
+    match route.token.grant {
+        Grant::Forward => {}
+        Grant::None | Grant::OnBehalfOf | Grant::TokenExchange | Grant::ClientCredentials => {
+            headers.remove(header::AUTHORIZATION);
+        }
+    }
+}

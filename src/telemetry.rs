@@ -1,0 +1,190 @@
+//! Logging setup and the Prometheus metrics registry. Metric labels never carry
+//! a token, a secret or a user id: only route names, methods, status classes and
+//! failure kinds, all of them bounded sets.
+
+use std::io::IsTerminal;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global tracing subscriber: human-readable on a terminal, JSON
+/// when `OBOE_LOG_FORMAT=json` (or when stdout is not a terminal and the variable
+/// is unset, as in a container). Level from `OBOE_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = EnvFilter::try_from_env("OBOE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match std::env::var("OBOE_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok(_) => false,
+        Err(_) => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
+    };
+    // A second init (tests, `dev` inside another process) keeps the first.
+    drop(result);
+}
+
+/// Labels of a finished request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Route name, or `none` when no route matched.
+    pub route: String,
+    /// Request method, `other` for non-standard ones.
+    pub method: &'static str,
+    /// `2xx`, `4xx`, ...
+    pub status: &'static str,
+}
+
+/// A route label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// Route name.
+    pub route: String,
+}
+
+/// Labels of an upstream failure.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamErrorLabels {
+    /// Route name.
+    pub route: String,
+    /// `connect`, `protocol` or `timeout`.
+    pub kind: &'static str,
+}
+
+/// Every metric oboe exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests finished, by route, method and status class.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Request duration from arrival to the end of the response body.
+    pub request_duration: Family<RouteLabel, Histogram>,
+    /// Upstream failures by kind.
+    pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    /// Requests in flight.
+    pub in_flight: Gauge,
+    /// Open proxy connections.
+    pub connections: Gauge,
+    /// Connections refused because `limits.max_connections` was reached.
+    pub connections_refused: Counter,
+}
+
+fn duration_histogram() -> Histogram {
+    // 250 µs to ~16 s.
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 17))
+}
+
+impl Metrics {
+    /// Creates the registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("oboe");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by route, method and status class",
+            requests.clone(),
+        );
+        let request_duration = Family::<RouteLabel, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request arrival to the end of the response body",
+            request_duration.clone(),
+        );
+        let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Upstream calls that failed, by kind (connect, protocol, timeout)",
+            upstream_errors.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests in flight",
+            in_flight.clone(),
+        );
+        let connections = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Open connections on the proxy listener",
+            connections.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections answered 503 because limits.max_connections was reached",
+            connections_refused.clone(),
+        );
+        registry.register(
+            "build",
+            "Build information",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        Self {
+            registry,
+            requests,
+            request_duration,
+            upstream_errors,
+            in_flight,
+            connections,
+            connections_refused,
+        }
+    }
+
+    /// The registry, for modules that register their own metrics.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A bounded label for a method.
+pub fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// `2xx`, `3xx`, ... for a status.
+pub fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
