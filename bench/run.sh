@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# bench/run.sh — closed-loop HTTP/1.1 proxy benchmark: direct vs nginx vs oboe.
+# bench/run.sh — HTTP/1.1 reverse-proxy benchmark on loopback: direct vs nginx vs oboe.
 #
 #   bash bench/run.sh [--duration 10s] [--repeat 3] [--connections "32 64 256"]
 #                     [--setups "direct nginx oboe"] [--warmup 2s] [--skip-build]
+#                     [--rate 5000] [--rate-connections 32]
+#
+# Closed loop (the main table): wrk, each connection sends its next request as soon as
+# the previous answer arrives, so req/s is the saturation throughput. Open loop (the
+# second table, skipped with --rate 0): oha at a fixed rate well below saturation with
+# coordinated-omission correction, i.e. the latency an app sees at a normal load.
 #
 # Everything listens on 127.0.0.1 only, on free ports, in a throw-away work dir,
 # and is killed on exit. Results: a Markdown table on stdout and bench/out/results.md
-# (raw per-run numbers in bench/out/runs.tsv). See bench/README.md.
+# (raw per-run numbers in bench/out/runs.tsv and open-loop.tsv). See bench/README.md.
 #
 # CPU pinning (2-core machine; same for every setup so the comparison is fair):
 #   core 0 (LOAD_CPU):  wrk, and the upstream nginx in the proxied setups
@@ -31,6 +37,8 @@ CONNECTIONS="32 64 256"
 SETUPS="direct nginx oboe"
 WARMUP=2s
 SKIP_BUILD=0
+RATE=5000 # open-loop requests/s (0: no open-loop runs, oha not needed)
+RATE_CONNECTIONS=32
 LOAD_CPU=${BENCH_LOAD_CPU:-0}
 PROXY_CPU=${BENCH_PROXY_CPU:-1}
 READY_TIMEOUT=${BENCH_READY_TIMEOUT:-30} # seconds a server gets to come up
@@ -52,7 +60,7 @@ die() {
 }
 
 usage() {
-    sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -65,12 +73,16 @@ parse_args() {
             --setups) SETUPS=${2:?--setups needs a value}; shift 2 ;;
             --warmup) WARMUP=${2:?--warmup needs a value}; shift 2 ;;
             --skip-build) SKIP_BUILD=1; shift ;;
+            --rate) RATE=${2:?--rate needs a value}; shift 2 ;;
+            --rate-connections) RATE_CONNECTIONS=${2:?--rate-connections needs a value}; shift 2 ;;
             -h | --help) usage 0 ;;
             *) log "unknown argument: $1"; usage 2 ;;
         esac
     done
     [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "--repeat must be a positive integer, got '$REPEAT'"
     [[ $DURATION =~ ^[1-9][0-9]*[smh]?$ ]] || die "--duration must look like 10s, got '$DURATION'"
+    [[ $RATE =~ ^[0-9]+$ ]] || die "--rate must be a non-negative integer, got '$RATE'"
+    [[ $RATE_CONNECTIONS =~ ^[1-9][0-9]*$ ]] || die "--rate-connections must be a positive integer"
     [[ $WARMUP =~ ^[0-9]+[smh]?$ ]] || die "--warmup must look like 2s, got '$WARMUP'"
     SETUPS=${SETUPS//,/ }
     CONNECTIONS=${CONNECTIONS//,/ }
@@ -135,6 +147,19 @@ pin_tree() {
     done
 }
 
+# Prints how busy the machine's CPUs are (percent over one second) before we start.
+# Anything else running (a cargo build, tests) skews every number in the table.
+background_cpu_pct() {
+    local a b
+    read -r -a a < <(head -n1 /proc/stat)
+    sleep 1
+    read -r -a b < <(head -n1 /proc/stat)
+    # cpu user nice system idle iowait irq softirq steal
+    local busy=$(((b[1] + b[2] + b[3] + b[6] + b[7] + b[8]) - (a[1] + a[2] + a[3] + a[6] + a[7] + a[8])))
+    local idle=$(((b[4] + b[5]) - (a[4] + a[5])))
+    echo $((100 * busy / (busy + idle > 0 ? busy + idle : 1)))
+}
+
 # ----------------------------------------------------------------- install & build
 
 install_tools() {
@@ -160,6 +185,15 @@ install_tools() {
     export PATH="$PATH:/usr/sbin"
     command -v nginx >/dev/null || die "nginx is not installed"
     command -v wrk >/dev/null || die "wrk is not installed"
+    if ((RATE > 0)); then
+        export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
+        if ! command -v oha >/dev/null; then
+            # About 5 minutes on 2 cores, once per machine.
+            log "installing oha (cargo install oha --locked) for the open-loop runs; --rate 0 skips them"
+            cargo install oha --locked || die "cargo install oha --locked failed (use --rate 0 to skip oha)"
+        fi
+        command -v oha >/dev/null || die "oha is not on PATH after cargo install"
+    fi
 }
 
 build_oboe() {
@@ -300,6 +334,8 @@ EOF
     OBOE_PID=$!
     PIDS+=("$OBOE_PID")
     wait_http_200 oboe "http://127.0.0.1:$OBOE_ADMIN_PORT/readyz" "$OBOE_PID" "$dir/oboe.log"
+    [[ $(cat "/proc/$OBOE_PID/comm" 2>/dev/null) == oboe ]] ||
+        die "pid $OBOE_PID is not the oboe process (CPU/RSS would be measured on the wrong process)"
     check_ok_body oboe "http://127.0.0.1:$OBOE_PORT/"
     log "oboe: pid $OBOE_PID, port $OBOE_PORT, admin $OBOE_ADMIN_PORT"
 }
@@ -446,6 +482,39 @@ measure() {
         "$setup" "$conns" "$rep" "$rps" "$p50" "$p99" "$cpu_us" "$rss_mib" "${non2xx:-0}" "${sockerr:-0}")"
 }
 
+# One open-loop oha run at $RATE req/s; appends a row to $RATE_TSV.
+measure_open_loop() {
+    local setup=$1 rep=$2 url out pid pids=() t0=0 t1=0 row ok cpu_us=NaN rss_mib=NaN
+    url=$(url_for "$setup")
+    out="$WORK_DIR/oha-$setup-r$rep.json"
+    mapfile -t pids < <(proxy_pids "$setup")
+    if [[ $setup != direct ]]; then
+        reset_peak_rss "${pids[@]}"
+        t0=$(cpu_ticks "${pids[@]}")
+    fi
+    # One runtime thread: oha is pinned to one core like wrk.
+    taskset -c "$LOAD_CPU" oha --no-tui --worker-threads 1 -z "$DURATION" -c "$RATE_CONNECTIONS" \
+        -q "$RATE" --latency-correction -t 5s --output-format json "$url" >"$out" 2>"$out.err" ||
+        { show_log "$out.err"; die "oha failed against $setup ($url)"; }
+    if [[ $setup != direct ]]; then
+        for pid in "${pids[@]}"; do
+            kill -0 "$pid" 2>/dev/null || die "$setup: proxy pid $pid died during the run"
+        done
+        t1=$(cpu_ticks "${pids[@]}")
+        rss_mib=$(awk -v k="$(peak_rss_kib "${pids[@]}")" 'BEGIN { printf "%.1f", k / 1024 }')
+    fi
+    # rps, p50_us, p99_us, p999_us, ok, errors (tab-separated)
+    row=$(python3 "$SCRIPT_DIR/report.py" --parse-oha "$out") || die "could not parse oha output ($out)"
+    ok=$(cut -f5 <<<"$row")
+    ((ok > 0)) || die "$setup: oha completed no successful request"
+    if [[ $setup != direct ]]; then
+        cpu_us=$(awk -v d="$((t1 - t0))" -v hz="$CLK_TCK" -v n="$ok" 'BEGIN { printf "%.2f", d * 1e6 / hz / n }')
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$setup" "$RATE" "$RATE_CONNECTIONS" "$rep" "$row" "$cpu_us" "$rss_mib" >>"$RATE_TSV"
+    log "$(printf '%-6s open loop %s req/s c=%s #%s: rps p50 p99 p99.9 ok err = %s  cpu %s us/req  rss %s MiB' \
+        "$setup" "$RATE" "$RATE_CONNECTIONS" "$rep" "$(tr '\t' ' ' <<<"$row")" "$cpu_us" "$rss_mib")"
+}
+
 run_matrix() {
     local setup conns rep
     for setup in $SETUPS; do
@@ -459,6 +528,11 @@ run_matrix() {
                 measure "$setup" "$conns" "$rep"
             done
         done
+        if ((RATE > 0)); then
+            for ((rep = 1; rep <= REPEAT; rep++)); do
+                measure_open_loop "$setup" "$rep"
+            done
+        fi
     done
 }
 
@@ -469,6 +543,11 @@ main() {
     (($(nproc --all) >= 2)) || die "needs at least 2 CPUs (found $(nproc --all))"
     install_tools
     case " $SETUPS " in *" oboe "*) build_oboe ;; esac
+
+    BACKGROUND_CPU=$(background_cpu_pct)
+    if ((BACKGROUND_CPU > 10)); then
+        log "WARNING: the machine is already ${BACKGROUND_CPU}% busy before the benchmark; results will be noisy"
+    fi
 
     WORK_DIR=$(mktemp -d "${TMPDIR:-/tmp}/oboe-bench.XXXXXX")
     trap cleanup EXIT
@@ -485,14 +564,19 @@ main() {
     mkdir -p "$OUT_DIR"
     RUNS_TSV="$OUT_DIR/runs.tsv"
     printf 'setup\tconnections\trepeat\trps\trequests\tp50_us\tp99_us\tcpu_us_per_req\tpeak_rss_mib\tnon2xx\tsocket_errors\n' >"$RUNS_TSV"
+    RATE_TSV="$OUT_DIR/open-loop.tsv"
+    rm -f "$RATE_TSV"
+    ((RATE == 0)) ||
+        printf 'setup\trate\tconnections\trepeat\trps\tp50_us\tp99_us\tp999_us\tok\terrors\tcpu_us_per_req\tpeak_rss_mib\n' >"$RATE_TSV"
     log "plan: setups [$SETUPS] x connections [$CONNECTIONS] x $REPEAT repeat(s) x $DURATION (+ $WARMUP warm-up each)"
     run_matrix
 
     local header
     header="oboe bench — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc --all) CPUs, wrk -t1 -d $DURATION, $REPEAT repeat(s); "
     header+="wrk on CPU $LOAD_CPU, proxy on CPU $PROXY_CPU, upstream on CPU $LOAD_CPU (direct: $PROXY_CPU); "
+    header+="background CPU before start ${BACKGROUND_CPU}%; "
     header+="oboe $(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo '(no commit)'), $(nginx -v 2>&1 | sed 's/.*: //')"
-    python3 "$SCRIPT_DIR/report.py" "$RUNS_TSV" "$header" | tee "$OUT_DIR/results.md"
+    python3 "$SCRIPT_DIR/report.py" "$RUNS_TSV" "$header" "$RATE_TSV" | tee "$OUT_DIR/results.md"
     log "table written to $OUT_DIR/results.md, raw runs in $RUNS_TSV"
 }
 

@@ -209,10 +209,10 @@ impl Problem {
             http::header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
         );
-        if let Some(challenge) = self.www_authenticate {
-            if let Ok(v) = HeaderValue::from_str(&challenge) {
-                headers.insert(WWW_AUTHENTICATE, v);
-            }
+        if let Some(challenge) = self.www_authenticate
+            && let Ok(v) = HeaderValue::from_str(&challenge)
+        {
+            headers.insert(WWW_AUTHENTICATE, v);
         }
         if let Some(seconds) = self.retry_after {
             headers.insert(RETRY_AFTER, HeaderValue::from(seconds));

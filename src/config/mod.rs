@@ -96,7 +96,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 pub fn load_str(text: &str, env: Env) -> Result<Config, ConfigError> {
     let env = env.split("__").filter(|key| {
         let top = key.as_str().split('.').next().unwrap_or_default();
-        TOP_LEVEL_KEYS.contains(&top)
+        TOP_LEVEL_KEYS.iter().any(|k| k.eq_ignore_ascii_case(top))
     });
     let figment = Figment::new()
         .merge(serde_saphyr::figment::Yaml::string(text))
@@ -113,25 +113,80 @@ pub fn load_str(text: &str, env: Env) -> Result<Config, ConfigError> {
 }
 
 /// Stage one: syntax and shape. Unknown keys are collected (all of them) and
-/// returned beside the parsed file, so validation still reports the rest.
+/// returned beside the parsed file, so validation still reports the rest. A
+/// value of the wrong type is reported and then treated as absent, so one
+/// typo'd number does not hide every other problem in the file.
 fn parse_raw(figment: &Figment) -> Result<(RawConfig, Vec<Problem>), ConfigError> {
-    let value: figment::value::Value = figment.extract().map_err(figment_problems)?;
-    let mut unknown = Vec::new();
-    let parsed: Result<RawConfig, _> =
-        serde_ignored::deserialize(&value, |path| unknown.push(render_ignored_path(&path)));
-    let raw = match parsed {
-        Ok(raw) => raw,
+    let mut value: figment::value::Value = figment.extract().map_err(figment_problems)?;
+    let mut problems = Vec::new();
+    // Each round removes the values serde refused; a file cannot have more
+    // wrong-typed values than keys, and the bound keeps a bug from looping.
+    let raw = loop {
+        let mut unknown = Vec::new();
+        let parsed: Result<RawConfig, _> =
+            serde_ignored::deserialize(&value, |path| unknown.push(render_ignored_path(&path)));
+        if let Ok(raw) = parsed {
+            problems.extend(unknown.into_iter().map(|path| Problem {
+                path,
+                message: "unknown key".to_owned(),
+            }));
+            break raw;
+        }
         // figment's own extraction reports the key path of a type error.
-        Err(_) => figment.extract::<RawConfig>().map_err(figment_problems)?,
+        let retry = Figment::from(figment::providers::Serialized::defaults(&value));
+        let Err(error) = retry.extract::<RawConfig>() else {
+            continue;
+        };
+        let mut removed_any = false;
+        for e in error {
+            removed_any |= remove_path(&mut value, &e.path);
+            problems.push(Problem {
+                path: render_figment_path(&e.path),
+                message: e.kind.to_string(),
+            });
+        }
+        if !removed_any || problems.len() > 256 {
+            return Err(ConfigError { problems });
+        }
     };
-    let problems = unknown
-        .into_iter()
-        .map(|path| Problem {
-            path,
-            message: "unknown key".to_owned(),
-        })
-        .collect();
     Ok((raw, problems))
+}
+
+/// Removes the value at `path` (map keys and array indices); true if one was removed.
+fn remove_path(value: &mut figment::value::Value, path: &[String]) -> bool {
+    use figment::value::Value;
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut at = value;
+    for segment in parents {
+        at = match at {
+            Value::Dict(_, dict) => match dict.get_mut(segment) {
+                Some(v) => v,
+                None => return false,
+            },
+            Value::Array(_, items) => {
+                match segment.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                    Some(v) => v,
+                    None => return false,
+                }
+            }
+            _ => return false,
+        };
+    }
+    match at {
+        Value::Dict(_, dict) => dict.remove(last).is_some(),
+        Value::Array(_, items) => match last.parse::<usize>() {
+            // An array element cannot be absent; replace it with an empty map so
+            // that the other elements keep their indices.
+            Ok(i) if i < items.len() => {
+                items[i] = Value::from(figment::value::Dict::new());
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 fn figment_problems(error: figment::Error) -> ConfigError {

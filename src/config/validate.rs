@@ -95,18 +95,20 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let limits = limits(&mut p, raw.limits.unwrap_or_default());
     let upstream = upstream_client(&mut p, raw.upstream.unwrap_or_default());
 
-    let routes: Vec<Route> = raw
+    // Each valid route keeps its index in the file, so later problems name it
+    // where the operator wrote it even when an earlier route was invalid.
+    let indexed: Vec<(usize, Route)> = raw
         .routes
         .into_iter()
         .enumerate()
-        .filter_map(|(i, r)| route(&mut p, &format!("routes[{i}]"), r))
+        .filter_map(|(i, r)| route(&mut p, &format!("routes[{i}]"), r).map(|r| (i, r)))
         .collect();
-    check_route_set(&mut p, &routes);
+    check_route_set(&mut p, &indexed);
 
-    let needs_identity = routes
+    let needs_identity = indexed
         .iter()
-        .any(|r| r.caller.required || r.token.grant.exchanges());
-    let needs_credential = routes.iter().any(|r| r.token.grant.exchanges());
+        .any(|(_, r)| r.caller.required || r.token.grant.exchanges());
+    let needs_credential = indexed.iter().any(|(_, r)| r.token.grant.exchanges());
     let identity = match raw.identity {
         Some(raw_identity) => identity(&mut p, raw_identity),
         None => {
@@ -126,12 +128,13 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         );
     }
     if let Some(identity) = &identity {
-        check_grants_against_provider(&mut p, &routes, identity);
+        check_grants_against_provider(&mut p, &indexed, identity);
     }
 
     let inbound = inbound(&mut p, raw.inbound.unwrap_or_default(), identity.as_ref());
     let cache = cache(&mut p, raw.cache.unwrap_or_default());
-    check_implemented(&mut p, &routes);
+    check_implemented(&mut p, &indexed);
+    let routes = indexed.into_iter().map(|(_, r)| r).collect();
 
     if p.0.is_empty() {
         Ok(Config {
@@ -772,10 +775,10 @@ fn header_edits(p: &mut Problems, path: &str, raw: RawHeaders) -> HeaderEdits {
     edits
 }
 
-fn check_route_set(p: &mut Problems, routes: &[Route]) {
+fn check_route_set(p: &mut Problems, routes: &[(usize, Route)]) {
     let mut names = HashSet::new();
     let mut prefixes = HashSet::new();
-    for (i, r) in routes.iter().enumerate() {
+    for (i, r) in routes {
         if !names.insert(r.name.as_str()) {
             p.push(
                 format!("routes[{i}].name"),
@@ -791,8 +794,8 @@ fn check_route_set(p: &mut Problems, routes: &[Route]) {
     }
 }
 
-fn check_grants_against_provider(p: &mut Problems, routes: &[Route], identity: &Identity) {
-    for (i, r) in routes.iter().enumerate() {
+fn check_grants_against_provider(p: &mut Problems, routes: &[(usize, Route)], identity: &Identity) {
+    for (i, r) in routes {
         let at = format!("routes[{i}].token.grant");
         match (r.token.grant, identity.provider) {
             (Grant::OnBehalfOf, Provider::Oidc) => p.push(
@@ -820,8 +823,8 @@ fn check_grants_against_provider(p: &mut Problems, routes: &[Route], identity: &
 
 /// Behaviour the route file can describe but this build does not implement yet
 /// is refused here, never silently ignored.
-fn check_implemented(p: &mut Problems, routes: &[Route]) {
-    for (i, r) in routes.iter().enumerate() {
+fn check_implemented(p: &mut Problems, routes: &[(usize, Route)]) {
+    for (i, r) in routes {
         if r.caller.required {
             p.push(
                 format!("routes[{i}].caller.required"),

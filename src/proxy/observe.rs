@@ -134,10 +134,10 @@ where
                     guard.bytes += data.len() as u64;
                 }
                 // A body of known length ends with its last frame; hyper will not poll again.
-                if this.inner.is_end_stream() {
-                    if let Some(mut guard) = this.guard.take() {
-                        guard.complete = true;
-                    }
+                if this.inner.is_end_stream()
+                    && let Some(mut guard) = this.guard.take()
+                {
+                    guard.complete = true;
                 }
             }
             Poll::Ready(None) => {

@@ -37,10 +37,10 @@ pub fn check_path(path: &str) -> Result<(), BadPath> {
             let hex = bytes.get(i + 1..i + 3);
             if let Some([h, l]) = hex {
                 let decoded = (hex_val(*h), hex_val(*l));
-                if let (Some(h), Some(l)) = decoded {
-                    if matches!(h << 4 | l, b'.' | b'/' | b'\\') {
-                        return Err(BadPath::EncodedSeparator);
-                    }
+                if let (Some(h), Some(l)) = decoded
+                    && matches!(h << 4 | l, b'.' | b'/' | b'\\')
+                {
+                    return Err(BadPath::EncodedSeparator);
                 }
             }
         }
@@ -80,7 +80,7 @@ impl Router {
     /// Builds a router; ties cannot happen because prefixes are unique.
     pub fn new(routes: impl IntoIterator<Item = Route>) -> Self {
         let mut routes: Vec<Arc<Route>> = routes.into_iter().map(Arc::new).collect();
-        routes.sort_by(|a, b| b.path_prefix.len().cmp(&a.path_prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
         Self { routes }
     }
 

@@ -121,10 +121,10 @@ impl Upstreams {
 fn classify(error: &hyper_util::client::legacy::Error) -> UpstreamFailure {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return UpstreamFailure::Timeout;
-            }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return UpstreamFailure::Timeout;
         }
         source = e.source();
     }
