@@ -13,10 +13,23 @@ use hyper::body::Incoming;
 use crate::telemetry::Metrics;
 
 /// Process health as the probes see it.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Health {
     serving: AtomicBool,
     draining: AtomicBool,
+    /// A further condition for readiness (every issuer's keys loaded).
+    gate: std::sync::Mutex<Option<ReadyGate>>,
+}
+
+/// A condition readiness waits for.
+pub type ReadyGate = Arc<dyn Fn() -> bool + Send + Sync>;
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health")
+            .field("ready", &self.is_ready())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Health {
@@ -30,9 +43,21 @@ impl Health {
         self.draining.store(true, Ordering::SeqCst);
     }
 
+    /// Sets (or clears) the further condition readiness waits for.
+    pub fn set_gate(&self, gate: Option<ReadyGate>) {
+        if let Ok(mut slot) = self.gate.lock() {
+            *slot = gate;
+        }
+    }
+
     /// Ready for traffic.
     pub fn is_ready(&self) -> bool {
-        self.serving.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst)
+        let gate_open = self
+            .gate
+            .lock()
+            .map(|g| g.as_ref().is_none_or(|gate| gate()))
+            .unwrap_or(false);
+        self.serving.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst) && gate_open
     }
 }
 

@@ -15,6 +15,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
+use crate::auth::{AuthError, Forbidden};
 use crate::proxy::route::BadPath;
 
 /// Who caused a failure.
@@ -95,6 +96,21 @@ pub enum Error {
     /// The upstream sent no response headers in time.
     #[error("call upstream: no response within {0:?}")]
     UpstreamTimeout(Duration),
+    /// The caller's token was refused, or is not enough for the route.
+    #[error("authenticate caller: {0}")]
+    Auth(#[from] AuthError),
+}
+
+/// Makes text safe inside an RFC 9110 quoted-string, restricted further to the
+/// characters RFC 6750 allows in `error_description` and `scope`.
+fn quoted(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '"' | '\\' => '\'',
+            c if (' '..='~').contains(&c) => c,
+            _ => '?',
+        })
+        .collect()
 }
 
 /// A synthetic response's parts, before it is rendered.
@@ -116,7 +132,11 @@ impl Error {
     /// Who is to blame.
     pub fn blame(&self) -> Blame {
         match self {
-            Error::BadPath(_) | Error::NoRoute | Error::BadRequest(_) => Blame::Caller,
+            Error::BadPath(_)
+            | Error::NoRoute
+            | Error::BadRequest(_)
+            | Error::Auth(AuthError::Invalid(_) | AuthError::Forbidden(_)) => Blame::Caller,
+            Error::Auth(AuthError::KeysUnavailable) => Blame::Idp,
             Error::Overloaded { .. } => Blame::Internal,
             Error::Upstream { .. } | Error::UpstreamTimeout(_) => Blame::Upstream,
         }
@@ -151,9 +171,15 @@ impl Error {
                 kind: UpstreamFailure::Protocol,
                 ..
             } => (StatusCode::BAD_GATEWAY, "upstream_failed"),
+            Error::Auth(AuthError::Invalid(_)) => (StatusCode::UNAUTHORIZED, "invalid_token"),
+            Error::Auth(AuthError::Forbidden(_)) => (StatusCode::FORBIDDEN, "insufficient_scope"),
+            Error::Auth(AuthError::KeysUnavailable) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "idp_unavailable")
+            }
         };
         let retry_after = match self {
             Error::Overloaded { .. } => Some(1),
+            Error::Auth(AuthError::KeysUnavailable) => Some(5),
             _ => None,
         };
         Problem {
@@ -161,8 +187,35 @@ impl Error {
             code,
             // The source chain is logged, not sent: it can name internal hosts.
             detail: self.public_detail(),
-            www_authenticate: None,
+            www_authenticate: self.challenge(),
             retry_after,
+        }
+    }
+
+    /// The RFC 6750 §3 challenge for authentication failures.
+    fn challenge(&self) -> Option<String> {
+        match self {
+            // §3.1: a request without credentials gets a challenge without an error code.
+            Error::Auth(AuthError::Invalid(crate::auth::Reason::Missing)) => {
+                Some("Bearer".to_owned())
+            }
+            Error::Auth(AuthError::Invalid(reason)) => Some(format!(
+                "Bearer error=\"invalid_token\", error_description=\"{}\"",
+                quoted(&reason.to_string())
+            )),
+            Error::Auth(AuthError::Forbidden(forbidden)) => {
+                let mut challenge = format!(
+                    "Bearer error=\"insufficient_scope\", error_description=\"{}\"",
+                    quoted(&forbidden.to_string())
+                );
+                if let Forbidden::MissingScope(_) = forbidden
+                    && let Some(scope) = forbidden.needed()
+                {
+                    challenge.push_str(&format!(", scope=\"{}\"", quoted(&scope)));
+                }
+                Some(challenge)
+            }
+            _ => None,
         }
     }
 
@@ -176,6 +229,15 @@ impl Error {
                 UpstreamFailure::Timeout => "call upstream: connect timed out".to_owned(),
             },
             other => other.to_string(),
+        }
+    }
+
+    /// The rejection reason, for logs.
+    pub fn auth_reason(&self) -> Option<&'static str> {
+        match self {
+            Error::Auth(AuthError::Invalid(r)) => Some(r.as_str()),
+            Error::Auth(AuthError::Forbidden(f)) => Some(f.as_str()),
+            _ => None,
         }
     }
 

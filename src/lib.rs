@@ -6,9 +6,12 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod error;
+pub mod http_client;
 pub mod proxy;
 pub mod server;
 pub mod telemetry;
@@ -64,6 +67,34 @@ pub enum RunError {
     Setup(#[from] proxy::SetupError),
 }
 
+/// The caller-token validator of `config`'s identity, if it has one.
+fn authenticator(
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> Result<Option<Arc<auth::Authenticator>>, RunError> {
+    let Some(identity) = &config.identity else {
+        return Ok(None);
+    };
+    let client = http_client::IdpClient::new(
+        config.upstream.ca_file.as_deref(),
+        IDP_CONNECT_TIMEOUT,
+        IDP_TOTAL_TIMEOUT,
+    )?;
+    Ok(Some(auth::Authenticator::new(
+        identity,
+        &config.inbound,
+        client,
+        clock::system(),
+        auth::jwks::JwksSettings::default(),
+        metrics,
+    )))
+}
+
+/// Connect timeout towards the IdP.
+pub const IDP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Total timeout of one IdP call.
+pub const IDP_TOTAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Installs aws-lc-rs as the process's rustls provider (once; later calls are no-ops).
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -79,7 +110,13 @@ pub async fn run(
     install_crypto_provider();
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
-    let proxy = Arc::new(Proxy::new(&config, metrics.clone())?);
+    let auth = authenticator(&config, metrics.clone())?;
+    if let Some(auth) = &auth {
+        auth.start();
+        let auth = auth.clone();
+        health.set_gate(Some(Arc::new(move || auth.is_ready())));
+    }
+    let proxy = Arc::new(Proxy::new(&config, auth, metrics.clone())?);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
 

@@ -64,6 +64,34 @@ pub struct UpstreamErrorLabels {
     pub kind: &'static str,
 }
 
+/// A reason label (bounded set of static strings).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Why.
+    pub reason: &'static str,
+}
+
+/// An outcome label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// `ok`, `failed`, `hit`, `miss`, ...
+    pub outcome: &'static str,
+}
+
+/// An issuer label: the configured identity (instance and tenant, or OIDC
+/// issuer URL), never anything from a token.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuerLabel {
+    /// The issuer.
+    pub issuer: String,
+}
+
+/// A gauge that holds seconds as a float.
+pub type SecondsGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// Called right before `/metrics` is rendered, to refresh gauges computed on demand.
+pub type ScrapeHook = Box<dyn Fn() + Send + Sync>;
+
 /// Every metric oboe exports.
 pub struct Metrics {
     registry: Registry,
@@ -79,6 +107,15 @@ pub struct Metrics {
     pub connections: Gauge,
     /// Connections refused because `limits.max_connections` was reached.
     pub connections_refused: Counter,
+    /// Caller tokens refused, by reason.
+    pub auth_rejections: Family<ReasonLabel, Counter>,
+    /// Signing-key set fetches, by outcome.
+    pub jwks_refreshes: Family<OutcomeLabel, Counter>,
+    /// Verified-token cache lookups, by outcome (hit, miss).
+    pub verified_cache: Family<OutcomeLabel, Counter>,
+    /// Seconds since the last successful key-set fetch, per issuer.
+    pub jwks_age: Family<IssuerLabel, SecondsGauge>,
+    scrape_hooks: std::sync::Mutex<Vec<(&'static str, ScrapeHook)>>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -128,6 +165,30 @@ impl Metrics {
             "Connections answered 503 because limits.max_connections was reached",
             connections_refused.clone(),
         );
+        let auth_rejections = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "auth_rejections",
+            "Requests refused because of the caller's token, by reason",
+            auth_rejections.clone(),
+        );
+        let jwks_refreshes = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "jwks_refreshes",
+            "Signing-key set fetches, by outcome (ok, failed)",
+            jwks_refreshes.clone(),
+        );
+        let verified_cache = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "verified_token_cache",
+            "Verified-token cache lookups, by outcome (hit, miss)",
+            verified_cache.clone(),
+        );
+        let jwks_age = Family::<IssuerLabel, SecondsGauge>::default();
+        registry.register(
+            "jwks_age_seconds",
+            "Seconds since the issuer's signing keys were last fetched successfully",
+            jwks_age.clone(),
+        );
         registry.register(
             "build",
             "Build information",
@@ -141,6 +202,19 @@ impl Metrics {
             in_flight,
             connections,
             connections_refused,
+            auth_rejections,
+            jwks_refreshes,
+            verified_cache,
+            jwks_age,
+            scrape_hooks: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Registers (or replaces, by name) a hook run before every scrape.
+    pub fn on_scrape(&self, name: &'static str, hook: ScrapeHook) {
+        if let Ok(mut hooks) = self.scrape_hooks.lock() {
+            hooks.retain(|(n, _)| *n != name);
+            hooks.push((name, hook));
         }
     }
 
@@ -151,6 +225,11 @@ impl Metrics {
 
     /// Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
+        if let Ok(hooks) = self.scrape_hooks.lock() {
+            for (_, hook) in hooks.iter() {
+                hook();
+            }
+        }
         let mut out = String::with_capacity(8 * 1024);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

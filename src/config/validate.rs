@@ -825,12 +825,6 @@ fn check_grants_against_provider(p: &mut Problems, routes: &[(usize, Route)], id
 /// is refused here, never silently ignored.
 fn check_implemented(p: &mut Problems, routes: &[(usize, Route)]) {
     for (i, r) in routes {
-        if r.caller.required {
-            p.push(
-                format!("routes[{i}].caller.required"),
-                "caller-token validation is not available in this version of oboe; set `required: false`",
-            );
-        }
         if r.token.grant.exchanges() {
             p.push(
                 format!("routes[{i}].token.grant"),

@@ -15,7 +15,8 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 
-use crate::config::{Config, Grant, Route};
+use crate::auth::{AuthError, Authenticator, Caller, policy};
+use crate::config::{Config, Grant, RESERVED_PREFIX, Route};
 use crate::error::Error;
 use crate::telemetry::{Metrics, UpstreamErrorLabels};
 use headers::ClientInfo;
@@ -29,6 +30,7 @@ pub type ProxyBody = Observed<Either<Incoming, Full<Bytes>>>;
 /// Everything the request path needs, built once per configuration.
 pub struct Proxy {
     router: Router,
+    auth: Option<Arc<Authenticator>>,
     upstreams: Upstreams,
     metrics: Arc<Metrics>,
     requests: Arc<Semaphore>,
@@ -40,9 +42,15 @@ pub type SetupError = upstream::SetupError;
 
 impl Proxy {
     /// Builds the request path for `config`.
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Result<Self, SetupError> {
+    /// `auth` validates callers' tokens; it is required when a route needs it.
+    pub fn new(
+        config: &Config,
+        auth: Option<Arc<Authenticator>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, SetupError> {
         Ok(Self {
             router: Router::new(config.routes.iter().cloned()),
+            auth,
             upstreams: Upstreams::new(&config.upstream)?,
             metrics,
             requests: Arc::new(Semaphore::new(config.limits.max_requests)),
@@ -61,14 +69,24 @@ impl Proxy {
         let permit = self.requests.clone().try_acquire_owned().ok();
         let overloaded = permit.is_none();
         let mut guard = RequestGuard::new(self.metrics.clone(), request.method().clone(), permit);
-        let result = if overloaded {
-            Err(Error::Overloaded {
+        if overloaded {
+            let error = Error::Overloaded {
                 limit: self.max_requests,
-            })
-        } else {
-            self.forward(request, client, &mut guard).await
-        };
-        match result {
+            };
+            return self.fail(error, guard);
+        }
+        // oboe's own endpoints live under a prefix no route may use.
+        if request.uri().path().starts_with(RESERVED_PREFIX) {
+            guard.route = Some(Arc::from("oboe"));
+            return match self.own_endpoint(request).await {
+                Ok(response) => {
+                    guard.status = response.status();
+                    response.map(|body| Observed::new(Either::Right(body), guard))
+                }
+                Err(error) => self.fail(error, guard),
+            };
+        }
+        match self.forward(request, client, &mut guard).await {
             Ok(response) => {
                 guard.status = response.status();
                 guard.upstream_status = Some(response.status());
@@ -78,7 +96,54 @@ impl Proxy {
         }
     }
 
-    /// Steps 2 to 7: route, authorize, rewrite, call the upstream.
+    /// `GET /.oboe/v1/validate`: the caller's validated claims.
+    async fn own_endpoint(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Error> {
+        route::check_path(request.uri().path())?;
+        match request.uri().path() {
+            "/.oboe/v1/validate" => {
+                if request.method() != http::Method::GET {
+                    return Err(Error::BadRequest("this endpoint answers GET only"));
+                }
+                let auth = self.auth.as_ref().ok_or(Error::NoRoute)?;
+                let caller = auth.authenticate(request.headers()).await?;
+                let body = serde_json::to_vec(&caller.claims).unwrap_or_default();
+                let mut response = Response::new(Full::new(Bytes::from(body)));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                Ok(response)
+            }
+            _ => Err(Error::NoRoute),
+        }
+    }
+
+    /// Step 4: the caller's token must be valid and enough for the route.
+    async fn authorize(
+        &self,
+        route: &Route,
+        headers: &http::HeaderMap,
+    ) -> Result<Option<Arc<Caller>>, Error> {
+        if !route.caller.required {
+            return Ok(None);
+        }
+        // The config refuses routes that require callers without an identity.
+        let auth = self.auth.as_ref().ok_or(AuthError::KeysUnavailable)?;
+        let caller = auth.authenticate(headers).await?;
+        if let Err(forbidden) = policy::authorize(&route.caller, &caller) {
+            auth.count_forbidden(&forbidden);
+            return Err(AuthError::Forbidden(forbidden).into());
+        }
+        Ok(Some(caller))
+    }
+
+    /// Steps 2 to 8: route, authorize, rewrite, call the upstream.
     async fn forward(
         &self,
         request: Request<Incoming>,
@@ -99,11 +164,15 @@ impl Proxy {
         };
         guard.route = Some(Arc::from(route.name.as_str()));
 
-        // 4. Decide what goes upstream in Authorization.
+        // 4. Authenticate the caller and apply the route's policy. Nothing of a
+        //    refused request goes further.
         let (mut parts, body) = request.into_parts();
+        let _caller = self.authorize(&route, &parts.headers).await?;
+
+        // 5. Decide what goes upstream in Authorization.
         apply_grant(&route, &mut parts.headers);
 
-        // 5. Rewrite the request for the upstream.
+        // 6. Rewrite the request for the upstream.
         let original_host = original_host(&parts);
         headers::to_upstream(
             &mut parts.headers,
@@ -116,14 +185,14 @@ impl Proxy {
         // The pooled client picks HTTP/2 by ALPN; the request itself is version-neutral.
         parts.version = Version::HTTP_11;
 
-        // 6. Call the upstream; the timeout covers the wait for response headers.
+        // 7. Call the upstream; the timeout covers the wait for response headers.
         let response = self
             .upstreams
             .send(Request::from_parts(parts, body), route.timeout)
             .await
             .inspect_err(|e| self.count_upstream_error(&route, e))?;
 
-        // 7. Drop hop-by-hop headers of the upstream's answer; the rest passes untouched.
+        // 8. Drop hop-by-hop headers of the upstream's answer; the rest passes untouched.
         let (mut parts, body) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, false);
         Ok(Response::from_parts(parts, body))
@@ -144,9 +213,12 @@ impl Proxy {
     fn fail(&self, error: Error, mut guard: RequestGuard) -> Response<ProxyBody> {
         let problem = error.problem();
         match error.blame() {
-            crate::error::Blame::Caller => {
-                tracing::debug!(error = %error, route = guard.route.as_deref(), "request refused")
-            }
+            crate::error::Blame::Caller => tracing::debug!(
+                error = %error,
+                reason = error.auth_reason(),
+                route = guard.route.as_deref(),
+                "request refused"
+            ),
             blame => tracing::warn!(
                 error = %error,
                 source = ?std::error::Error::source(&error).map(ToString::to_string),
