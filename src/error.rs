@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use base64::Engine;
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
@@ -16,6 +17,7 @@ use http_body_util::Full;
 use serde_json::json;
 
 use crate::auth::{AuthError, Forbidden};
+use crate::exchange::ExchangeError;
 use crate::proxy::route::BadPath;
 
 /// Who caused a failure.
@@ -99,6 +101,9 @@ pub enum Error {
     /// The caller's token was refused, or is not enough for the route.
     #[error("authenticate caller: {0}")]
     Auth(#[from] AuthError),
+    /// No downstream token could be had.
+    #[error("exchange token: {0}")]
+    Exchange(#[from] ExchangeError),
 }
 
 /// Makes text safe inside an RFC 9110 quoted-string, restricted further to the
@@ -126,6 +131,8 @@ pub struct Problem {
     pub www_authenticate: Option<String>,
     /// Seconds the client should wait, for 503.
     pub retry_after: Option<u64>,
+    /// Extension members of the body (the IdP's error code and trace ids).
+    pub extensions: Vec<(&'static str, serde_json::Value)>,
 }
 
 impl Error {
@@ -137,6 +144,20 @@ impl Error {
             | Error::BadRequest(_)
             | Error::Auth(AuthError::Invalid(_) | AuthError::Forbidden(_)) => Blame::Caller,
             Error::Auth(AuthError::KeysUnavailable) => Blame::Idp,
+            Error::Exchange(e) => match e {
+                ExchangeError::AppOnlyCaller
+                | ExchangeError::ClaimsChallenge(_)
+                | ExchangeError::ConsentRequired(_)
+                | ExchangeError::AssertionRejected(_) => Blame::Caller,
+                ExchangeError::CredentialRejected { .. }
+                | ExchangeError::Credential(_)
+                | ExchangeError::NoTenant => Blame::Internal,
+                ExchangeError::Refused { .. }
+                | ExchangeError::Throttled { .. }
+                | ExchangeError::Unavailable(_)
+                | ExchangeError::Timeout
+                | ExchangeError::BadAnswer(_) => Blame::Idp,
+            },
             Error::Overloaded { .. } => Blame::Internal,
             Error::Upstream { .. } | Error::UpstreamTimeout(_) => Blame::Upstream,
         }
@@ -176,12 +197,54 @@ impl Error {
             Error::Auth(AuthError::KeysUnavailable) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "idp_unavailable")
             }
+            Error::Exchange(e) => match e {
+                ExchangeError::AppOnlyCaller => (StatusCode::FORBIDDEN, "user_token_required"),
+                ExchangeError::ClaimsChallenge(_) => {
+                    (StatusCode::UNAUTHORIZED, "insufficient_claims")
+                }
+                ExchangeError::ConsentRequired(_) => (StatusCode::FORBIDDEN, "consent_required"),
+                ExchangeError::AssertionRejected(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
+                ExchangeError::CredentialRejected { .. } => {
+                    (StatusCode::BAD_GATEWAY, "credential_rejected")
+                }
+                ExchangeError::Credential(_) => (StatusCode::BAD_GATEWAY, "credential_unusable"),
+                ExchangeError::NoTenant => (StatusCode::BAD_GATEWAY, "exchange_failed"),
+                ExchangeError::Refused { .. } => (StatusCode::BAD_GATEWAY, "exchange_refused"),
+                ExchangeError::BadAnswer(_) => (StatusCode::BAD_GATEWAY, "idp_bad_answer"),
+                ExchangeError::Throttled { .. } => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "idp_throttled")
+                }
+                ExchangeError::Unavailable(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "idp_unavailable")
+                }
+                ExchangeError::Timeout => (StatusCode::GATEWAY_TIMEOUT, "idp_timeout"),
+            },
         };
         let retry_after = match self {
             Error::Overloaded { .. } => Some(1),
             Error::Auth(AuthError::KeysUnavailable) => Some(5),
+            Error::Exchange(ExchangeError::Throttled { retry_after }) => Some(*retry_after),
+            Error::Exchange(ExchangeError::Unavailable(_)) => Some(5),
             _ => None,
         };
+        let mut extensions = Vec::new();
+        if let Error::Exchange(e) = self
+            && let Some(idp) = e.idp_error()
+        {
+            extensions.push(("idp_error", json!(idp.error)));
+            if !idp.error_codes.is_empty() {
+                extensions.push(("idp_error_codes", json!(idp.error_codes)));
+            }
+            if let Some(trace) = &idp.trace_id {
+                extensions.push(("trace_id", json!(trace)));
+            }
+            if let Some(correlation) = &idp.correlation_id {
+                extensions.push(("correlation_id", json!(correlation)));
+            }
+            if let (ExchangeError::ClaimsChallenge(_), Some(claims)) = (e, &idp.claims) {
+                extensions.push(("claims", json!(claims)));
+            }
+        }
         Problem {
             status,
             code,
@@ -189,6 +252,7 @@ impl Error {
             detail: self.public_detail(),
             www_authenticate: self.challenge(),
             retry_after,
+            extensions,
         }
     }
 
@@ -215,6 +279,28 @@ impl Error {
                 }
                 Some(challenge)
             }
+            Error::Exchange(ExchangeError::ClaimsChallenge(idp)) => {
+                // The caller's client must get a new token with these claims
+                // (Entra's CAE/CA contract): base64 of the claims JSON.
+                let claims = base64::engine::general_purpose::STANDARD
+                    .encode(idp.claims.as_deref().unwrap_or_default());
+                Some(format!(
+                    "Bearer error=\"insufficient_claims\", error_description=\"{}\", claims=\"{claims}\"",
+                    quoted(
+                        "the identity provider requires more claims; get a new token with the claims in this challenge"
+                    )
+                ))
+            }
+            Error::Exchange(e @ ExchangeError::AssertionRejected(_)) => Some(format!(
+                "Bearer error=\"invalid_token\", error_description=\"{}\"",
+                quoted(&e.to_string())
+            )),
+            Error::Exchange(
+                e @ (ExchangeError::AppOnlyCaller | ExchangeError::ConsentRequired(_)),
+            ) => Some(format!(
+                "Bearer error=\"insufficient_scope\", error_description=\"{}\"",
+                quoted(&e.to_string())
+            )),
             _ => None,
         }
     }
@@ -257,6 +343,11 @@ impl Problem {
             "error": self.code,
             "detail": self.detail,
         });
+        if let Some(map) = body.as_object_mut() {
+            for (name, value) in self.extensions {
+                map.insert(name.to_owned(), value);
+            }
+        }
         if let (Some(route), Some(map)) = (route, body.as_object_mut()) {
             map.insert("route".to_owned(), json!(route));
         }

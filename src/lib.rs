@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod error;
+pub mod exchange;
 pub mod http_client;
 pub mod proxy;
 pub mod server;
@@ -65,29 +66,26 @@ pub enum RunError {
     /// The request path could not be built.
     #[error("set up proxy: {0}")]
     Setup(#[from] proxy::SetupError),
+    /// The token exchange could not be set up (credential unusable).
+    #[error("set up token exchange: {0}")]
+    Exchange(#[from] exchange::ExchangeSetupError),
 }
 
 /// The caller-token validator of `config`'s identity, if it has one.
 fn authenticator(
     config: &Config,
+    client: http_client::IdpClient,
     metrics: Arc<Metrics>,
-) -> Result<Option<Arc<auth::Authenticator>>, RunError> {
-    let Some(identity) = &config.identity else {
-        return Ok(None);
-    };
-    let client = http_client::IdpClient::new(
-        config.upstream.ca_file.as_deref(),
-        IDP_CONNECT_TIMEOUT,
-        IDP_TOTAL_TIMEOUT,
-    )?;
-    Ok(Some(auth::Authenticator::new(
+) -> Option<Arc<auth::Authenticator>> {
+    let identity = config.identity.as_ref()?;
+    Some(auth::Authenticator::new(
         identity,
         &config.inbound,
         client,
         clock::system(),
         auth::jwks::JwksSettings::default(),
         metrics,
-    )))
+    ))
 }
 
 /// Connect timeout towards the IdP.
@@ -110,13 +108,26 @@ pub async fn run(
     install_crypto_provider();
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
-    let auth = authenticator(&config, metrics.clone())?;
+    let idp_client = http_client::IdpClient::new(
+        config.upstream.ca_file.as_deref(),
+        IDP_CONNECT_TIMEOUT,
+        IDP_TOTAL_TIMEOUT,
+    )?;
+    let auth = authenticator(&config, idp_client.clone(), metrics.clone());
     if let Some(auth) = &auth {
         auth.start();
         let auth = auth.clone();
         health.set_gate(Some(Arc::new(move || auth.is_ready())));
     }
-    let proxy = Arc::new(Proxy::new(&config, auth, metrics.clone())?);
+    let exchange = exchange::Exchanger::new(
+        &config,
+        idp_client,
+        auth.clone(),
+        clock::system(),
+        metrics.clone(),
+    )?
+    .map(Arc::new);
+    let proxy = Arc::new(Proxy::new(&config, auth, exchange, metrics.clone())?);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
 

@@ -86,6 +86,15 @@ pub struct IssuerLabel {
     pub issuer: String,
 }
 
+/// Labels of a token exchange.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExchangeLabels {
+    /// `on_behalf_of`, `token_exchange` or `client_credentials`.
+    pub grant: &'static str,
+    /// `ok` or the failure kind.
+    pub outcome: &'static str,
+}
+
 /// A gauge that holds seconds as a float.
 pub type SecondsGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
@@ -115,6 +124,12 @@ pub struct Metrics {
     pub verified_cache: Family<OutcomeLabel, Counter>,
     /// Seconds since the last successful key-set fetch, per issuer.
     pub jwks_age: Family<IssuerLabel, SecondsGauge>,
+    /// Token requests to the IdP, by grant and outcome.
+    pub exchanges: Family<ExchangeLabels, Counter>,
+    /// Duration of token requests to the IdP (retry included).
+    pub exchange_duration: Histogram,
+    /// Downstream token cache lookups, by outcome (hit, refresh, miss, negative).
+    pub token_cache: Family<OutcomeLabel, Counter>,
     scrape_hooks: std::sync::Mutex<Vec<(&'static str, ScrapeHook)>>,
 }
 
@@ -189,6 +204,24 @@ impl Metrics {
             "Seconds since the issuer's signing keys were last fetched successfully",
             jwks_age.clone(),
         );
+        let exchanges = Family::<ExchangeLabels, Counter>::default();
+        registry.register(
+            "exchanges",
+            "Token requests to the identity provider, by grant and outcome",
+            exchanges.clone(),
+        );
+        let exchange_duration = duration_histogram();
+        registry.register(
+            "exchange_duration_seconds",
+            "Duration of token requests to the identity provider, retry included",
+            exchange_duration.clone(),
+        );
+        let token_cache = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "token_cache",
+            "Downstream token cache lookups, by outcome (hit, refresh, miss, negative)",
+            token_cache.clone(),
+        );
         registry.register(
             "build",
             "Build information",
@@ -206,6 +239,9 @@ impl Metrics {
             jwks_refreshes,
             verified_cache,
             jwks_age,
+            exchanges,
+            exchange_duration,
+            token_cache,
             scrape_hooks: std::sync::Mutex::new(Vec::new()),
         }
     }

@@ -133,7 +133,6 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
 
     let inbound = inbound(&mut p, raw.inbound.unwrap_or_default(), identity.as_ref());
     let cache = cache(&mut p, raw.cache.unwrap_or_default());
-    check_implemented(&mut p, &indexed);
     let routes = indexed.into_iter().map(|(_, r)| r).collect();
 
     if p.0.is_empty() {
@@ -817,22 +816,6 @@ fn check_grants_against_provider(p: &mut Problems, routes: &[(usize, Route)], id
                 }
             }
             _ => {}
-        }
-    }
-}
-
-/// Behaviour the route file can describe but this build does not implement yet
-/// is refused here, never silently ignored.
-fn check_implemented(p: &mut Problems, routes: &[(usize, Route)]) {
-    for (i, r) in routes {
-        if r.token.grant.exchanges() {
-            p.push(
-                format!("routes[{i}].token.grant"),
-                format!(
-                    "`{}` is not available in this version of oboe; use `forward` or `none`",
-                    r.token.grant.as_str()
-                ),
-            );
         }
     }
 }

@@ -15,9 +15,10 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 
-use crate::auth::{AuthError, Authenticator, Caller, policy};
+use crate::auth::{AuthError, Authenticator, Caller, bearer, policy};
 use crate::config::{Config, Grant, RESERVED_PREFIX, Route};
 use crate::error::Error;
+use crate::exchange::Exchanger;
 use crate::telemetry::{Metrics, UpstreamErrorLabels};
 use headers::ClientInfo;
 use observe::{Observed, RequestGuard};
@@ -31,6 +32,7 @@ pub type ProxyBody = Observed<Either<Incoming, Full<Bytes>>>;
 pub struct Proxy {
     router: Router,
     auth: Option<Arc<Authenticator>>,
+    exchange: Option<Arc<Exchanger>>,
     upstreams: Upstreams,
     metrics: Arc<Metrics>,
     requests: Arc<Semaphore>,
@@ -42,15 +44,18 @@ pub type SetupError = upstream::SetupError;
 
 impl Proxy {
     /// Builds the request path for `config`.
-    /// `auth` validates callers' tokens; it is required when a route needs it.
+    /// `auth` validates callers' tokens and `exchange` gets downstream tokens;
+    /// each is required when a route needs it.
     pub fn new(
         config: &Config,
         auth: Option<Arc<Authenticator>>,
+        exchange: Option<Arc<Exchanger>>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, SetupError> {
         Ok(Self {
             router: Router::new(config.routes.iter().cloned()),
             auth,
+            exchange,
             upstreams: Upstreams::new(&config.upstream)?,
             metrics,
             requests: Arc::new(Semaphore::new(config.limits.max_requests)),
@@ -120,7 +125,73 @@ impl Proxy {
                     .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 Ok(response)
             }
-            _ => Err(Error::NoRoute),
+            path => {
+                let name = path
+                    .strip_prefix("/.oboe/v1/token/")
+                    .filter(|n| !n.is_empty() && !n.contains('/'))
+                    .ok_or(Error::NoRoute)?;
+                if request.method() != http::Method::GET {
+                    return Err(Error::BadRequest("this endpoint answers GET only"));
+                }
+                let route = self.router.by_name(name).cloned().ok_or(Error::NoRoute)?;
+                if !route.token.grant.exchanges() {
+                    return Err(Error::NoRoute);
+                }
+                let caller = self.authorize(&route, request.headers()).await?;
+                let exchange = self.exchange.as_ref().ok_or(Error::NoRoute)?;
+                let caller_token = bearer::extract(request.headers()).ok();
+                let entry = exchange
+                    .token(&route, caller.as_deref(), caller_token)
+                    .await?;
+                let body = serde_json::json!({
+                    "authorization": entry.authorization.to_str().unwrap_or_default(),
+                    "expires_on": entry.expires_at_ms / 1000,
+                });
+                let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                Ok(response)
+            }
+        }
+    }
+
+    /// Step 5: `forward` keeps the caller's token; `none` strips it; the
+    /// exchange grants replace it with a downstream token, and the caller's
+    /// token is removed from every header it appears in.
+    async fn apply_grant(
+        &self,
+        route: &Route,
+        caller: Option<&Caller>,
+        headers: &mut http::HeaderMap,
+    ) -> Result<(), Error> {
+        match route.token.grant {
+            Grant::Forward => Ok(()),
+            Grant::None => {
+                headers.remove(header::AUTHORIZATION);
+                Ok(())
+            }
+            Grant::OnBehalfOf | Grant::TokenExchange | Grant::ClientCredentials => {
+                let exchange = self.exchange.as_ref().ok_or_else(|| {
+                    Error::Exchange(crate::exchange::ExchangeError::Unavailable(
+                        "no exchanger is configured".into(),
+                    ))
+                })?;
+                let caller_token = bearer::extract(headers).ok().map(str::to_owned);
+                let entry = exchange
+                    .token(route, caller, caller_token.as_deref())
+                    .await?;
+                headers.remove(header::AUTHORIZATION);
+                if let Some(token) = caller_token.as_deref() {
+                    remove_token_everywhere(headers, token);
+                }
+                headers.insert(header::AUTHORIZATION, entry.authorization.clone());
+                Ok(())
+            }
         }
     }
 
@@ -167,10 +238,11 @@ impl Proxy {
         // 4. Authenticate the caller and apply the route's policy. Nothing of a
         //    refused request goes further.
         let (mut parts, body) = request.into_parts();
-        let _caller = self.authorize(&route, &parts.headers).await?;
+        let caller = self.authorize(&route, &parts.headers).await?;
 
         // 5. Decide what goes upstream in Authorization.
-        apply_grant(&route, &mut parts.headers);
+        self.apply_grant(&route, caller.as_deref(), &mut parts.headers)
+            .await?;
 
         // 6. Rewrite the request for the upstream.
         let original_host = original_host(&parts);
@@ -258,12 +330,20 @@ fn original_host(parts: &http::request::Parts) -> Option<HeaderValue> {
     })
 }
 
-/// `none` strips the caller's credentials; `forward` keeps them as they are.
-fn apply_grant(route: &Route, headers: &mut http::HeaderMap) {
-    match route.token.grant {
-        Grant::Forward => {}
-        Grant::None | Grant::OnBehalfOf | Grant::TokenExchange | Grant::ClientCredentials => {
-            headers.remove(header::AUTHORIZATION);
-        }
+/// Drops every header whose value carries `token` (an app may have copied the
+/// caller's token into a custom header): it must not reach an exchange route's
+/// upstream in any form.
+fn remove_token_everywhere(headers: &mut http::HeaderMap, token: &str) {
+    let carriers: Vec<header::HeaderName> = headers
+        .iter()
+        .filter(|(_, v)| {
+            v.as_bytes()
+                .windows(token.len())
+                .any(|w| w == token.as_bytes())
+        })
+        .map(|(k, _)| k.clone())
+        .collect();
+    for name in carriers {
+        headers.remove(&name);
     }
 }
