@@ -88,7 +88,7 @@ fn authenticator(
     ))
 }
 
-/// Connect timeout towards the IdP.
+/// Connect timeout towards the IdP when no identity is configured.
 pub const IDP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Total timeout of one IdP call.
 pub const IDP_TOTAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -108,11 +108,13 @@ pub async fn run(
     install_crypto_provider();
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
-    let idp_client = http_client::IdpClient::new(
-        config.upstream.ca_file.as_deref(),
-        IDP_CONNECT_TIMEOUT,
-        IDP_TOTAL_TIMEOUT,
-    )?;
+    let (connect, total) = config
+        .identity
+        .as_ref()
+        .map(|i| (i.connect_timeout, i.timeout))
+        .unwrap_or((IDP_CONNECT_TIMEOUT, IDP_TOTAL_TIMEOUT));
+    let idp_client =
+        http_client::IdpClient::new(config.upstream.ca_file.as_deref(), connect, total)?;
     let auth = authenticator(&config, idp_client.clone(), metrics.clone());
     if let Some(auth) = &auth {
         auth.start();

@@ -214,8 +214,8 @@ pub struct Jwks {
     fetch: tokio::sync::Mutex<()>,
     /// Bumped after every successful fetch.
     generation: AtomicU64,
-    /// Clock time (ms) of the last fetch attempt, success or not.
-    last_attempt_ms: AtomicU64,
+    /// Clock time (ms) of the last refetch an unknown `kid` triggered.
+    last_refetch_ms: AtomicU64,
     /// Clock time (ms) of the last successful fetch.
     last_success_ms: AtomicU64,
     /// Refresh interval suggested by the last answer's cache headers.
@@ -243,7 +243,7 @@ impl Jwks {
             keys: ArcSwapOption::empty(),
             fetch: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(0),
-            last_attempt_ms: AtomicU64::new(0),
+            last_refetch_ms: AtomicU64::new(0),
             last_success_ms: AtomicU64::new(0),
             next_refresh: std::sync::Mutex::new(default_refresh),
             observer,
@@ -275,6 +275,8 @@ impl Jwks {
         let _fetching = self.fetch.lock().await;
         // Someone else fetched while we waited: their keys are the freshest there are.
         if self.generation() == seen && self.may_refetch() {
+            self.last_refetch_ms
+                .store(self.clock.now_ms().max(1), Ordering::SeqCst);
             // A failed refetch keeps the old keys; the lookup below then says "unknown".
             let _ = self.fetch_locked().await;
         }
@@ -288,7 +290,7 @@ impl Jwks {
     }
 
     fn may_refetch(&self) -> bool {
-        let last = self.last_attempt_ms.load(Ordering::SeqCst);
+        let last = self.last_refetch_ms.load(Ordering::SeqCst);
         let min = self.settings.min_refetch_interval.as_millis() as u64;
         last == 0 || self.clock.now_ms().saturating_sub(last) >= min
     }
@@ -301,8 +303,6 @@ impl Jwks {
     }
 
     async fn fetch_locked(&self) -> Result<(), FetchError> {
-        self.last_attempt_ms
-            .store(self.clock.now_ms(), Ordering::SeqCst);
         let result = self
             .client
             .get_json(&self.uri)

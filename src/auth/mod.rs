@@ -188,10 +188,24 @@ impl Caller {
                     .collect()
             })
             .unwrap_or_default();
+        // `idtyp` when present; else a delegated token has `scp`, or (RFC 9068)
+        // a `sub` that is not the client itself.
+        let client = claims
+            .get("client_id")
+            .or_else(|| claims.get("azp"))
+            .and_then(Value::as_str);
         let kind = match claims.get("idtyp").and_then(Value::as_str) {
             Some("app") => CallerKind::App,
             Some("user") => CallerKind::User,
             _ if claims.contains_key("scp") => CallerKind::User,
+            _ if claims.contains_key("scope")
+                && claims
+                    .get("sub")
+                    .and_then(Value::as_str)
+                    .is_some_and(|sub| Some(sub) != client) =>
+            {
+                CallerKind::User
+            }
             _ => CallerKind::App,
         };
         Self {

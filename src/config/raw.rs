@@ -97,6 +97,10 @@ pub struct RawIdentity {
     pub client_id: Option<String>,
     /// The confidential-client credential: exactly one kind.
     pub credential: Option<RawCredential>,
+    /// TCP + TLS connect timeout towards the IdP. Defaults to `2s`.
+    pub connect_timeout: Option<String>,
+    /// Total time allowed for one IdP call (discovery, keys, token). Defaults to `10s`.
+    pub timeout: Option<String>,
 }
 
 /// Exactly one of these is set.

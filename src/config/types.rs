@@ -92,6 +92,12 @@ pub struct Identity {
     pub client_id: String,
     /// The confidential-client credential, if configured.
     pub credential: Option<Credential>,
+    /// Connect timeout towards the IdP.
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    /// Total timeout of one IdP call.
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
 }
 
 impl Identity {

@@ -306,6 +306,16 @@ fn identity(p: &mut Problems, raw: RawIdentity) -> Option<Identity> {
         }
     }
     let credential = raw.credential.and_then(|c| credential(p, c, provider));
+    let connect_timeout = p.duration(
+        "identity.connect_timeout",
+        raw.connect_timeout.as_deref(),
+        Duration::from_secs(2),
+    );
+    let timeout = p.duration(
+        "identity.timeout",
+        raw.timeout.as_deref(),
+        Duration::from_secs(10),
+    );
     Some(Identity {
         provider,
         instance,
@@ -313,6 +323,8 @@ fn identity(p: &mut Problems, raw: RawIdentity) -> Option<Identity> {
         issuer,
         client_id,
         credential,
+        connect_timeout,
+        timeout,
     })
 }
 

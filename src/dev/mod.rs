@@ -2,6 +2,7 @@
 //! Everything binds loopback only and says loudly that it is for development.
 
 pub mod echo;
+pub mod idp;
 
 use std::net::SocketAddr;
 

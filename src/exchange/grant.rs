@@ -228,10 +228,18 @@ impl IdpError {
 
     /// A short text for the problem detail: the error and the IdP's code.
     pub fn summary(&self) -> String {
-        match self.code() {
+        let mut out = match self.code() {
             Some(code) => format!("{} (AADSTS{code})", self.error),
             None => self.error.clone(),
+        };
+        if let Some(description) = &self.error_description {
+            // The IdP's own words help the operator; Entra's first line is enough.
+            let first = description.lines().next().unwrap_or_default();
+            let short: String = first.chars().take(200).collect();
+            out.push_str(": ");
+            out.push_str(&short);
         }
+        out
     }
 }
 

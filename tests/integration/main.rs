@@ -2,11 +2,15 @@
 //! loopback port 0, real HTTP, and upstreams started by each test.
 #![allow(clippy::unwrap_used)]
 
+mod fixtures;
 mod harness;
 
 mod admin;
+mod auth;
 mod cli;
+mod deploy;
 mod errors;
+mod exchange;
 mod logs;
 mod proxy;
 mod shutdown;
