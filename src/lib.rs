@@ -14,6 +14,7 @@ pub mod error;
 pub mod exchange;
 pub mod http_client;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod telemetry;
 
@@ -105,6 +106,26 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    serve(config, None, listeners, shutdown).await
+}
+
+/// Like [`run`], and reloads the route file at `path` (from which `config`
+/// was loaded) when it changes or on SIGHUP; see [`reload`].
+pub async fn run_watching(
+    config: Config,
+    path: std::path::PathBuf,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    serve(config, Some(path), listeners, shutdown).await
+}
+
+async fn serve(
+    config: Config,
+    watch_path: Option<std::path::PathBuf>,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     install_crypto_provider();
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
@@ -123,13 +144,20 @@ pub async fn run(
     }
     let exchange = exchange::Exchanger::new(
         &config,
-        idp_client,
+        idp_client.clone(),
         auth.clone(),
         clock::system(),
         metrics.clone(),
     )?
     .map(Arc::new);
-    let proxy = Arc::new(Proxy::new(&config, auth, exchange, metrics.clone())?);
+    let proxy = Proxy::new(&config, auth.clone(), exchange, metrics.clone())?;
+    let live = Arc::new(reload::Live::new(
+        proxy,
+        config.clone(),
+        auth,
+        idp_client,
+        metrics.clone(),
+    ));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
 
@@ -143,9 +171,11 @@ pub async fn run(
     };
 
     let graceful = Arc::new(GracefulShutdown::new());
+    let watcher =
+        watch_path.map(|path| tokio::spawn(reload::watch(path, live.clone(), stop_rx.clone())));
     let proxy_task = tokio::spawn(server::serve_proxy(
         listeners.proxy,
-        proxy,
+        live,
         config.limits.clone(),
         metrics.clone(),
         graceful.clone(),
@@ -165,6 +195,9 @@ pub async fn run(
     // Stop accepting: the accept loop returns and drops the listener.
     let _ = stop_tx.send(true);
     let _ = proxy_task.await;
+    if let Some(watcher) = watcher {
+        let _ = watcher.await;
+    }
     // The accept loop has ended, so this is the last reference.
     if let Ok(graceful) = Arc::try_unwrap(graceful) {
         match tokio::time::timeout(config.shutdown_grace, graceful.shutdown()).await {

@@ -52,9 +52,9 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Run { config } => {
+        Command::Run { config: path } => {
             oboe::telemetry::init_logging();
-            let config = match oboe::config::load(&config) {
+            let config = match oboe::config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!("{e}");
@@ -64,7 +64,7 @@ fn main() -> ExitCode {
             };
             block_on(async move {
                 let listeners = oboe::Listeners::bind(&config).await?;
-                oboe::run(config, listeners, shutdown_signal()).await
+                oboe::run_watching(config, path, listeners, shutdown_signal()).await
             })
         }
         Command::Dev { listen } => {

@@ -17,7 +17,6 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::config::Limits;
 use crate::error::Error;
-use crate::proxy::Proxy;
 use crate::proxy::headers::ClientInfo;
 use crate::telemetry::Metrics;
 
@@ -45,7 +44,7 @@ pub fn http_builder(max_header_bytes: usize) -> auto::Builder<TokioExecutor> {
 /// so new connections are refused; in-flight ones are tracked by `graceful`.
 pub async fn serve_proxy(
     listener: TcpListener,
-    proxy: Arc<Proxy>,
+    live: Arc<crate::reload::Live>,
     limits: Limits,
     metrics: Arc<Metrics>,
     graceful: Arc<GracefulShutdown>,
@@ -70,13 +69,15 @@ pub async fn serve_proxy(
         let _ = stream.set_nodelay(true);
         match connections.clone().try_acquire_owned() {
             Ok(permit) => {
-                let proxy = proxy.clone();
+                let live = live.clone();
                 let client = ClientInfo {
                     ip: peer.ip(),
                     proto: "http",
                 };
                 let service = service_fn(move |req: hyper::Request<Incoming>| {
-                    let proxy = proxy.clone();
+                    // Each request holds the configuration it started with, so
+                    // a reload never changes a request halfway.
+                    let proxy = live.proxy.load_full();
                     async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
                 });
                 let conn = builder
@@ -161,6 +162,6 @@ pub async fn serve_simple<F, Fut>(
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }

@@ -130,6 +130,10 @@ pub struct Metrics {
     pub exchange_duration: Histogram,
     /// Downstream token cache lookups, by outcome (hit, refresh, miss, negative).
     pub token_cache: Family<OutcomeLabel, Counter>,
+    /// Route file reloads, by outcome (ok, invalid, restart_required).
+    pub config_reloads: Family<OutcomeLabel, Counter>,
+    /// Unix time of the last successful reload.
+    pub config_last_reload: SecondsGauge,
     scrape_hooks: std::sync::Mutex<Vec<(&'static str, ScrapeHook)>>,
 }
 
@@ -222,6 +226,18 @@ impl Metrics {
             "Downstream token cache lookups, by outcome (hit, refresh, miss, negative)",
             token_cache.clone(),
         );
+        let config_reloads = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Route file reloads, by outcome (ok, invalid, restart_required)",
+            config_reloads.clone(),
+        );
+        let config_last_reload = SecondsGauge::default();
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful route file reload",
+            config_last_reload.clone(),
+        );
         registry.register(
             "build",
             "Build information",
@@ -242,6 +258,8 @@ impl Metrics {
             exchanges,
             exchange_duration,
             token_cache,
+            config_reloads,
+            config_last_reload,
             scrape_hooks: std::sync::Mutex::new(Vec::new()),
         }
     }

@@ -160,7 +160,7 @@ pub struct Exchanger {
     identity: Identity,
     client_auth: Arc<ClientAuth>,
     tokens: Arc<TokenClient>,
-    cache: TokenCache,
+    cache: Arc<TokenCache>,
     key_mode: CacheKeyMode,
     targets: HashMap<String, Target>,
     auth: Option<Arc<Authenticator>>,
@@ -211,17 +211,38 @@ impl Exchanger {
             identity: identity.clone(),
             client_auth: Arc::new(client_auth),
             tokens: Arc::new(TokenClient::new(client, clock.clone())),
-            cache: TokenCache::new(
+            cache: Arc::new(TokenCache::new(
                 config.cache.max_entries,
                 config.cache.refresh_before_expiry,
                 clock.clone(),
-            ),
+            )),
             key_mode: config.cache.key,
             targets,
             auth,
             clock,
             metrics,
         }))
+    }
+
+    /// After a reload: keeps the previous exchanger's cached tokens and
+    /// throttling state when the cache settings did not change, so a new route
+    /// file does not make every user exchange again. Keys include the route
+    /// target, so entries of changed routes are simply never hit again.
+    pub fn keep_cache_of(
+        &mut self,
+        previous: &Exchanger,
+        old: &crate::config::Cache,
+        new: &crate::config::Cache,
+    ) {
+        let same = old.max_entries == new.max_entries
+            && old.refresh_before_expiry == new.refresh_before_expiry
+            && old.key == new.key;
+        if same {
+            self.cache = previous.cache.clone();
+        }
+        if self.client_auth.describe() == previous.client_auth.describe() {
+            self.tokens = previous.tokens.clone();
+        }
     }
 
     /// Tokens held in the cache (approximate).

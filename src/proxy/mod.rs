@@ -63,6 +63,11 @@ impl Proxy {
         })
     }
 
+    /// The exchanger, for carrying its cache across a reload.
+    pub fn exchanger(&self) -> Option<&Exchanger> {
+        self.exchange.as_deref()
+    }
+
     /// Handles one request from the caller. Never fails: every error becomes a
     /// problem response here, and accounting is settled when the body ends.
     pub async fn handle(

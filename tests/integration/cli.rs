@@ -216,3 +216,19 @@ fn version_prints_the_package_version() {
         format!("oboe {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn the_committed_schema_matches_oboe_schema() {
+    let out = oboe_command()
+        .arg("schema")
+        .output()
+        .expect("run oboe schema");
+    assert!(out.status.success());
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/oboe.schema.json");
+    let committed = std::fs::read_to_string(committed).expect("config/oboe.schema.json");
+    let parse = |text: &str| serde_json::from_str::<serde_json::Value>(text).expect("JSON");
+    assert!(
+        parse(&committed) == parse(&text(&out.stdout)),
+        "config/oboe.schema.json is stale: run `cargo run -- schema > config/oboe.schema.json`"
+    );
+}

@@ -13,5 +13,6 @@ mod errors;
 mod exchange;
 mod logs;
 mod proxy;
+mod reload;
 mod shutdown;
 mod streaming;
