@@ -76,6 +76,7 @@ pub enum RunError {
 fn authenticator(
     config: &Config,
     client: http_client::IdpClient,
+    clock: clock::SharedClock,
     metrics: Arc<Metrics>,
 ) -> Option<Arc<auth::Authenticator>> {
     let identity = config.identity.as_ref()?;
@@ -83,7 +84,7 @@ fn authenticator(
         identity,
         &config.inbound,
         client,
-        clock::system(),
+        clock,
         auth::jwks::JwksSettings::default(),
         metrics,
     ))
@@ -106,7 +107,18 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    serve(config, None, listeners, shutdown).await
+    serve(config, None, listeners, shutdown, clock::system()).await
+}
+
+/// Like [`run`], with the clock that token lifetimes and cache windows are
+/// judged by (tests move a [`clock::ManualClock`] instead of sleeping).
+pub async fn run_with_clock(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    clock: clock::SharedClock,
+) -> Result<(), RunError> {
+    serve(config, None, listeners, shutdown, clock).await
 }
 
 /// Like [`run`], and reloads the route file at `path` (from which `config`
@@ -117,7 +129,7 @@ pub async fn run_watching(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    serve(config, Some(path), listeners, shutdown).await
+    serve(config, Some(path), listeners, shutdown, clock::system()).await
 }
 
 async fn serve(
@@ -125,6 +137,7 @@ async fn serve(
     watch_path: Option<std::path::PathBuf>,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
+    clock: clock::SharedClock,
 ) -> Result<(), RunError> {
     install_crypto_provider();
     let metrics = Arc::new(Metrics::new());
@@ -136,7 +149,7 @@ async fn serve(
         .unwrap_or((IDP_CONNECT_TIMEOUT, IDP_TOTAL_TIMEOUT));
     let idp_client =
         http_client::IdpClient::new(config.upstream.ca_file.as_deref(), connect, total)?;
-    let auth = authenticator(&config, idp_client.clone(), metrics.clone());
+    let auth = authenticator(&config, idp_client.clone(), clock.clone(), metrics.clone());
     if let Some(auth) = &auth {
         auth.start();
         let auth = auth.clone();
@@ -146,7 +159,7 @@ async fn serve(
         &config,
         idp_client.clone(),
         auth.clone(),
-        clock::system(),
+        clock.clone(),
         metrics.clone(),
     )?
     .map(Arc::new);
@@ -156,6 +169,7 @@ async fn serve(
         config.clone(),
         auth,
         idp_client,
+        clock,
         metrics.clone(),
     ));
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -37,6 +37,7 @@ pub struct Live {
     config: ArcSwap<Config>,
     auth: Option<Arc<Authenticator>>,
     idp_client: IdpClient,
+    clock: clock::SharedClock,
     metrics: Arc<Metrics>,
 }
 
@@ -63,6 +64,7 @@ impl Live {
         config: Config,
         auth: Option<Arc<Authenticator>>,
         idp_client: IdpClient,
+        clock: clock::SharedClock,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -70,6 +72,7 @@ impl Live {
             config: ArcSwap::from_pointee(config),
             auth,
             idp_client,
+            clock,
             metrics,
         }
     }
@@ -119,7 +122,7 @@ impl Live {
             &new,
             self.idp_client.clone(),
             self.auth.clone(),
-            clock::system(),
+            self.clock.clone(),
             self.metrics.clone(),
         ) {
             Ok(Some(mut exchange)) => {

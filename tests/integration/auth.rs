@@ -770,11 +770,14 @@ async fn a_cached_token_is_refused_once_it_expires() {
             "{ grant: forward }"
         ),
     );
-    let oboe = Oboe::start(&yaml).await;
-    let short = idp.mint(&user_mint().lifetime(Duration::from_secs(1)));
-    assert_eq!(call(&oboe.proxy_url("/api/x"), &short).await.status, 200);
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    let reply = call(&oboe.proxy_url("/api/x"), &short).await;
+    let clock = oboe::clock::ManualClock::starting_now();
+    let oboe = Oboe::start_with_clock(&yaml, clock.clone()).await;
+    let token = idp.mint(&user_mint().lifetime(Duration::from_secs(60)));
+    assert_eq!(call(&oboe.proxy_url("/api/x"), &token).await.status, 200);
+    clock.advance(Duration::from_secs(30));
+    assert_eq!(call(&oboe.proxy_url("/api/x"), &token).await.status, 200);
+    clock.advance(Duration::from_secs(31));
+    let reply = call(&oboe.proxy_url("/api/x"), &token).await;
     reply.assert_problem(401, "invalid_token");
     assert!(
         reply
@@ -782,5 +785,11 @@ async fn a_cached_token_is_refused_once_it_expires() {
             .unwrap_or_default()
             .contains("expired")
     );
-    assert_eq!(echo.received(), 1);
+    let metrics = oboe.metrics().await;
+    assert_eq!(
+        metric(&metrics, "oboe_verified_token_cache_total{outcome=\"hit\"}"),
+        2.0,
+        "the expired token was refused from the cache: {metrics}"
+    );
+    assert_eq!(echo.received(), 2);
 }

@@ -568,30 +568,63 @@ async fn rfc8693_exchange_with_private_key_jwt_at_a_generic_idp() {
 }
 
 #[tokio::test]
-async fn a_token_in_its_refresh_window_is_served_while_one_refresh_runs() {
+async fn refresh_window_then_expiry_judged_by_the_clock() {
     let idp = idp().await;
-    idp.update_behaviour(|b| b.token_lifetime = Duration::from_secs(4));
-    let s = setup_with(
-        idp,
-        DEV_TENANT,
-        None,
-        "cache:\n  refresh_before_expiry: 5m\n",
-    )
-    .await;
-    let caller = s.idp.mint(&user_mint());
-    let url = s.oboe.proxy_url("/graph/me");
+    let (dir, secret) = secret_file();
+    let echo = Upstream::echo().await;
+    let yaml = format!(
+        "{}cache:\n  refresh_before_expiry: 5m\nroutes:\n{}",
+        entra_identity(
+            &idp,
+            DEV_TENANT,
+            &format!("client_secret: {{ file: {secret} }}")
+        ),
+        route(
+            "graph",
+            "/graph/",
+            &echo.url("/"),
+            "{ required: true }",
+            &obo_token()
+        ),
+    );
+    let clock = oboe::clock::ManualClock::starting_now();
+    let oboe = Oboe::start_with_clock(&yaml, clock.clone()).await;
+    let caller = idp.mint(&user_mint());
+    let url = oboe.proxy_url("/graph/me");
     let first = upstream_authorization(&call(&url, &caller).await);
-    // Lifetime 4 s: served for 2 s, refreshed in the background after 1 s.
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+
+    // One-hour token: served until 55 min, refreshed in the background from 50 min.
+    let advance = |minutes: u64| {
+        clock.advance(Duration::from_secs(minutes * 60));
+        // The IdP's clock moves in step, so what it mints agrees with oboe's.
+        idp.advance_clock((minutes * 60) as i64);
+    };
+    advance(49);
+    assert_eq!(upstream_authorization(&call(&url, &caller).await), first);
+    assert_eq!(idp.counters().token, 1, "no refresh before the window");
+    advance(2);
     let during = upstream_authorization(&call(&url, &caller).await);
-    assert_eq!(during, first, "the cached token is still served");
+    assert_eq!(
+        during, first,
+        "the cached token is served during the refresh"
+    );
     eventually("the background refresh", || async {
-        s.idp.counters().token == 2
+        idp.counters().token == 2
     })
     .await;
-    eventually("the refreshed token to be served", || async {
-        upstream_authorization(&call(&url, &caller).await) != first
-    })
-    .await;
-    assert_eq!(s.idp.counters().token, 2);
+    let refreshed = upstream_authorization(&call(&url, &caller).await);
+    assert_ne!(refreshed, first);
+    assert_eq!(idp.counters().token, 2, "exactly one background refresh");
+
+    // The refreshed entry ends 55 min after its own exchange: then a new one.
+    advance(56);
+    let caller = idp.mint(&user_mint());
+    let next = upstream_authorization(&call(&url, &caller).await);
+    assert_ne!(next, refreshed);
+    assert_eq!(
+        idp.counters().token,
+        3,
+        "an expired entry is exchanged again"
+    );
+    drop(dir);
 }

@@ -86,6 +86,11 @@ impl Oboe {
     /// addresses; when the file has no top-level `listen:`, both listener keys
     /// are added.
     pub async fn start(yaml: &str) -> Self {
+        Self::start_with_clock(yaml, oboe::clock::system()).await
+    }
+
+    /// Like [`Oboe::start`], judging time by `clock`.
+    pub async fn start_with_clock(yaml: &str, clock: oboe::clock::SharedClock) -> Self {
         let proxy_listener = bind_loopback().await;
         let admin_listener = bind_loopback().await;
         let proxy = proxy_listener.local_addr().expect("proxy address");
@@ -103,9 +108,14 @@ impl Oboe {
             proxy: proxy_listener,
             admin: admin_listener,
         };
-        let task = tokio::spawn(oboe::run(config, listeners, async move {
-            let _ = rx.await;
-        }));
+        let task = tokio::spawn(oboe::run_with_clock(
+            config,
+            listeners,
+            async move {
+                let _ = rx.await;
+            },
+            clock,
+        ));
         let oboe = Self {
             proxy,
             admin,
