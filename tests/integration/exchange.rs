@@ -608,23 +608,239 @@ async fn refresh_window_then_expiry_judged_by_the_clock() {
         during, first,
         "the cached token is served during the refresh"
     );
-    eventually("the background refresh", || async {
-        idp.counters().token == 2
+    let mut refreshed = first.clone();
+    within("the refreshed token to be served", async {
+        while refreshed == first {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            refreshed = upstream_authorization(&call(&url, &caller).await);
+        }
     })
     .await;
-    let refreshed = upstream_authorization(&call(&url, &caller).await);
-    assert_ne!(refreshed, first);
     assert_eq!(idp.counters().token, 2, "exactly one background refresh");
+    drop(dir);
+}
 
-    // The refreshed entry ends 55 min after its own exchange: then a new one.
-    advance(56);
-    let caller = idp.mint(&user_mint());
-    let next = upstream_authorization(&call(&url, &caller).await);
-    assert_ne!(next, refreshed);
+#[tokio::test]
+async fn an_entry_past_its_life_is_exchanged_again() {
+    let idp = idp().await;
+    let (dir, secret) = secret_file();
+    let echo = Upstream::echo().await;
+    let yaml = format!(
+        "{}routes:\n{}",
+        entra_identity(
+            &idp,
+            DEV_TENANT,
+            &format!("client_secret: {{ file: {secret} }}")
+        ),
+        route(
+            "graph",
+            "/graph/",
+            &echo.url("/"),
+            "{ required: true }",
+            &obo_token()
+        ),
+    );
+    let clock = oboe::clock::ManualClock::starting_now();
+    let oboe = Oboe::start_with_clock(&yaml, clock.clone()).await;
+    let url = oboe.proxy_url("/graph/me");
+    let first = upstream_authorization(&call(&url, &idp.mint(&user_mint())).await);
+    // One-hour token, default 5 min margin: the entry ends at 55 min.
+    clock.advance(Duration::from_secs(56 * 60));
+    idp.advance_clock(56 * 60);
+    let next = upstream_authorization(&call(&url, &idp.mint(&user_mint())).await);
+    assert_ne!(next, first);
     assert_eq!(
         idp.counters().token,
-        3,
-        "an expired entry is exchanged again"
+        2,
+        "the expired entry was exchanged again"
     );
+    drop(dir);
+}
+
+#[tokio::test]
+async fn concurrency_routes_and_keying_decide_how_many_exchanges_happen() {
+    let idp = idp().await;
+    let (dir, secret) = secret_file();
+    let echo = Upstream::echo().await;
+    let credential = format!("client_secret: {{ file: {secret} }}");
+    let yaml = format!(
+        "{}routes:\n{}{}",
+        entra_identity(&idp, DEV_TENANT, &credential),
+        route(
+            "graph",
+            "/graph/",
+            &echo.url("/"),
+            "{ required: true }",
+            &obo_token()
+        ),
+        route(
+            "mail",
+            "/mail/",
+            &echo.url("/"),
+            "{ required: true }",
+            "{ grant: on_behalf_of, scopes: [https://graph.microsoft.com/Mail.Read] }"
+        ),
+    );
+    let oboe = Oboe::start(&yaml).await;
+    let caller = idp.mint(&user_mint());
+    let url = oboe.proxy_url("/graph/me");
+    let burst = (0..500).map(|_| {
+        let (url, caller) = (url.clone(), caller.clone());
+        tokio::spawn(async move { call(&url, &caller).await.status })
+    });
+    for status in futures_util::future::join_all(burst).await {
+        assert_eq!(status.expect("task"), 200);
+    }
+    assert_eq!(
+        idp.counters().token,
+        1,
+        "500 concurrent requests, one exchange"
+    );
+    assert_eq!(call(&oboe.proxy_url("/mail/x"), &caller).await.status, 200);
+    assert_eq!(idp.counters().token, 2, "another scope is another exchange");
+    let second = idp.mint(&user("00000000-0000-4000-8000-0000000000ee"));
+    assert_eq!(call(&url, &second).await.status, 200);
+    assert_eq!(idp.counters().token, 3, "another user is another exchange");
+
+    // `key: token`: two tokens of one user are two entries.
+    let yaml = format!(
+        "{}cache:\n  key: token\nroutes:\n{}",
+        entra_identity(&idp, DEV_TENANT, &credential),
+        route(
+            "graph",
+            "/graph/",
+            &echo.url("/"),
+            "{ required: true }",
+            &obo_token()
+        ),
+    );
+    let by_token = Oboe::start(&yaml).await;
+    let before = idp.counters().token;
+    let url = by_token.proxy_url("/graph/me");
+    for token in [
+        &caller,
+        &caller,
+        &idp.mint(&user_mint().claim("uti", "other")),
+    ] {
+        assert_eq!(call(&url, token).await.status, 200);
+    }
+    assert_eq!(idp.counters().token - before, 2);
+    drop(dir);
+}
+
+#[tokio::test]
+async fn client_credentials_send_no_caller_token() {
+    let s = setup().await;
+    let caller = s.idp.mint(&user_mint());
+    let reply = call(&s.oboe.proxy_url("/jobs/run"), &caller).await;
+    assert_eq!(reply.status, 200);
+    assert!(!reply.text().contains(&caller));
+    let sent = &s.idp.token_request_log()[0];
+    assert!(
+        sent.form.iter().all(|(_, v)| !v.contains(&caller)),
+        "{:?}",
+        sent.form.iter().map(|(k, _)| k).collect::<Vec<_>>()
+    );
+    assert!(sent.get("assertion").is_none() && sent.get("subject_token").is_none());
+}
+
+#[tokio::test]
+async fn when_the_idp_goes_down_cached_tokens_are_still_served() {
+    let s = setup().await;
+    let cached = s.idp.mint(&user_mint());
+    assert_eq!(
+        call(&s.oboe.proxy_url("/graph/me"), &cached).await.status,
+        200
+    );
+    let newcomer = s.idp.mint(&user("00000000-0000-4000-8000-0000000000ff"));
+    s.idp.fail_next(StatusCode::SERVICE_UNAVAILABLE, 1000);
+    let started = std::time::Instant::now();
+    call(&s.oboe.proxy_url("/graph/me"), &newcomer)
+        .await
+        .assert_problem(503, "idp_unavailable");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        call(&s.oboe.proxy_url("/graph/me"), &cached).await.status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn the_idp_can_be_reached_over_tls_with_an_extra_ca() {
+    let idp = idp().await;
+    let ca = TestCa::new();
+    let (tls, _tunnel) = ca.tls_tunnel(idp.addr()).await;
+    let (dir, secret) = secret_file();
+    let echo = Upstream::echo().await;
+    // Discovery and the token endpoint over TLS; the issuer values inside the
+    // documents stay the IdP's own.
+    let yaml = format!(
+        "upstream:\n  ca_file: {}\nidentity:\n  provider: entra\n  instance: https://{tls}\n  tenant_id: {DEV_TENANT}\n  client_id: {CLIENT_ID}\n  credential:\n    client_secret: {{ file: {secret} }}\nroutes:\n{}",
+        ca.ca_path().display(),
+        route(
+            "graph",
+            "/graph/",
+            &echo.url("/"),
+            "{ required: true }",
+            &obo_token()
+        ),
+    );
+    let oboe = Oboe::start(&yaml).await;
+    let reply = call(&oboe.proxy_url("/graph/me"), &idp.mint(&user_mint())).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(idp.counters().token, 1);
+    drop(dir);
+}
+
+#[tokio::test]
+async fn logs_never_carry_tokens_or_secrets() {
+    let idp = idp().await;
+    let (dir, secret) = secret_file();
+    let echo = Upstream::echo().await;
+    let routes = format!(
+        "{}routes:\n{}",
+        entra_identity(
+            &idp,
+            DEV_TENANT,
+            &format!("client_secret: {{ file: {secret} }}")
+        ),
+        route(
+            "graph",
+            "/graph/",
+            &echo.url("/"),
+            "{ required: true }",
+            &obo_token()
+        ),
+    );
+    let mut oboe = OboeProcess::start_with_log(&routes, "debug").await;
+    let caller = idp.mint(&user_mint());
+    let reply = call(&oboe.proxy_url("/graph/me"), &caller).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let downstream = upstream_authorization(&reply);
+    idp.update_behaviour(|b| {
+        b.claims_challenge = Some(oboe::dev::idp::ClaimsChallenge::for_user(
+            "00000000-0000-4000-8000-000000000abc",
+        ))
+    });
+    let challenged = idp.mint(&user("00000000-0000-4000-8000-000000000abc"));
+    call(&oboe.proxy_url("/graph/me"), &challenged).await;
+    call(&oboe.proxy_url("/graph/me"), "not.a.token").await;
+    oboe.terminate();
+    oboe.wait_exit().await;
+    let log = oboe.stderr();
+    assert!(log.contains("oboe::access"), "{log}");
+    for (what, secret) in [
+        ("caller token", caller.as_str()),
+        ("challenged token", challenged.as_str()),
+        ("downstream token", downstream.trim_start_matches("Bearer ")),
+        ("client secret", SECRET),
+        ("user id", DEV_USER_OID),
+    ] {
+        assert!(!log.contains(secret), "the log carries the {what}");
+    }
     drop(dir);
 }

@@ -264,6 +264,11 @@ impl OboeProcess {
     /// taken from the OS just before; if another process grabs one in between,
     /// the start is retried with new ports.
     pub async fn start(routes_yaml: &str) -> Self {
+        Self::start_with_log(routes_yaml, "info").await
+    }
+
+    /// Like [`OboeProcess::start`], with `OBOE_LOG` set to `level`.
+    pub async fn start_with_log(routes_yaml: &str, level: &str) -> Self {
         for _ in 0..5 {
             let dir = tempfile::tempdir().expect("tempdir");
             let (proxy, admin) = (free_port().await, free_port().await);
@@ -282,7 +287,7 @@ impl OboeProcess {
                 .args(["run", "--config"])
                 .arg(&config_path)
                 .env("OBOE_LOG_FORMAT", "json")
-                .env("OBOE_LOG", "info")
+                .env("OBOE_LOG", level)
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(stderr))
                 .spawn()
@@ -1084,6 +1089,38 @@ impl TestCa {
 
     fn leaf_key(&self) -> rustls_pki_types::PrivateKeyDer<'static> {
         rustls_pki_types::PrivateKeyDer::Pkcs8(self.leaf_key_der.clone().into())
+    }
+
+    /// A TLS front on loopback for a plain-TCP `target` (HTTP/1.1 only), with
+    /// this CA's server certificate: bytes are copied both ways.
+    pub async fn tls_tunnel(&self, target: SocketAddr) -> (SocketAddr, JoinHandle<()>) {
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![self.leaf_der.clone()], self.leaf_key())
+        .expect("server certificate");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = bind_loopback().await;
+        let addr = listener.local_addr().expect("address");
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let (Ok(mut tls), Ok(mut plain)) = (
+                        acceptor.accept(stream).await,
+                        tokio::net::TcpStream::connect(target).await,
+                    ) else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+        (addr, task)
     }
 
     /// The CA file path as it goes in YAML.
