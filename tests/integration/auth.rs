@@ -52,6 +52,10 @@ fn without(mut claims: Value, name: &str) -> Value {
     claims
 }
 
+async fn reqwest_json(url: &str) -> Value {
+    Client::http1().get(url).await.json()
+}
+
 fn b64(v: &Value) -> String {
     URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).expect("json"))
 }
@@ -110,6 +114,74 @@ async fn hostile_tokens_are_refused_with_401_and_reach_nothing() {
         .expect("signature")
         .to_owned();
     let now = now();
+    // An attacker's own RSA key, signing with and without the IdP's kid.
+    let attacker = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).expect("RSA key");
+    let attacker_key =
+        jsonwebtoken::EncodingKey::from_rsa_pem(attacker.serialize_pem().as_bytes()).expect("key");
+    let attacker_sign = |kid: &str| {
+        let mut header = jsonwebtoken::Header::new(Algorithm::RS256);
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&header, &good, &attacker_key).expect("sign")
+    };
+    let rsa_kid = idp.current_kid(Algorithm::RS256).expect("RSA key");
+    // HS256 keyed with the IdP's public key as its JWK text (the PEM/DER form is
+    // what sign_raw uses).
+    let jwks: Value = reqwest_json(&format!(
+        "{}/{DEV_TENANT}/discovery/v2.0/keys",
+        idp.base_url()
+    ))
+    .await;
+    let rsa_jwk = jwks["keys"]
+        .as_array()
+        .and_then(|keys| keys.iter().find(|k| k["kid"] == json!(rsa_kid)))
+        .expect("the RSA JWK")
+        .to_string();
+    let hs_jwk = {
+        let mut header = jsonwebtoken::Header::new(Algorithm::HS256);
+        header.kid = Some(rsa_kid.clone());
+        jsonwebtoken::encode(
+            &header,
+            &good,
+            &jsonwebtoken::EncodingKey::from_secret(rsa_jwk.as_bytes()),
+        )
+        .expect("sign")
+    };
+    let es = idp.sign_raw(Algorithm::ES256, json!({}), good.clone());
+    let (es_h, es_p, es_s) = {
+        let mut parts = es.split('.');
+        (
+            parts.next().expect("header").to_owned(),
+            parts.next().expect("payload").to_owned(),
+            parts.next().expect("signature").to_owned(),
+        )
+    };
+    let es_zero = URL_SAFE_NO_PAD.encode([0u8; 64]);
+    let es_der = {
+        let raw = URL_SAFE_NO_PAD.decode(&es_s).expect("base64url");
+        let int = |half: &[u8]| {
+            let mut v = half.to_vec();
+            while v.len() > 1 && v[0] == 0 && v[1] < 0x80 {
+                v.remove(0);
+            }
+            if v[0] >= 0x80 {
+                v.insert(0, 0);
+            }
+            let mut out = vec![0x02, v.len() as u8];
+            out.extend(v);
+            out
+        };
+        let (r, s) = (int(&raw[..32]), int(&raw[32..]));
+        let mut der = vec![0x30, (r.len() + s.len()) as u8];
+        der.extend(r);
+        der.extend(s);
+        URL_SAFE_NO_PAD.encode(der)
+    };
+    let standard_alphabet = {
+        use base64::engine::general_purpose::STANDARD_NO_PAD;
+        let sig = URL_SAFE_NO_PAD.decode(&s).expect("base64url");
+        format!("{h}.{p}.{}", STANDARD_NO_PAD.encode(sig))
+    };
+    let truncated = &s[..s.len() - 10];
 
     // (case, Authorization header value or None for no header)
     let cases: Vec<(&str, Option<String>)> = vec![
