@@ -410,6 +410,72 @@ async fn hostile_tokens_are_refused_with_401_and_reach_nothing() {
             Some(format!("Bearer {}", rs(without(good.clone(), "aud")))),
         ),
         (
+            "alg NONE",
+            Some(format!(
+                "Bearer {}.{p}.",
+                b64(&json!({"alg": "NONE", "kid": "x"}))
+            )),
+        ),
+        (
+            "alg nOnE",
+            Some(format!(
+                "Bearer {}.{p}.{s}",
+                b64(&json!({"alg": "nOnE", "kid": "x"}))
+            )),
+        ),
+        ("HS256 keyed with the JWK", Some(format!("Bearer {hs_jwk}"))),
+        (
+            "kid with path junk",
+            Some(format!(
+                "Bearer {}",
+                header_rs(json!({"kid": "../../../../etc/passwd"}))
+            )),
+        ),
+        (
+            "kid with SQL junk",
+            Some(format!(
+                "Bearer {}",
+                header_rs(json!({"kid": "x' OR '1'='1"}))
+            )),
+        ),
+        (
+            "attacker key with the right kid",
+            Some(format!("Bearer {}", attacker_sign(&rsa_kid))),
+        ),
+        (
+            "attacker key with its own kid",
+            Some(format!("Bearer {}", attacker_sign("attacker"))),
+        ),
+        (
+            "crit empty list",
+            Some(format!("Bearer {}", header_rs(json!({"crit": []})))),
+        ),
+        ("signature stripped", Some(format!("Bearer {h}.{p}"))),
+        (
+            "signature truncated",
+            Some(format!("Bearer {h}.{p}.{truncated}")),
+        ),
+        (
+            "alg swapped to PS256",
+            Some(format!(
+                "Bearer {}.{p}.{s}",
+                b64(&json!({"alg": "PS256", "kid": rsa_kid}))
+            )),
+        ),
+        (
+            "ES256 zero signature",
+            Some(format!("Bearer {es_h}.{es_p}.{es_zero}")),
+        ),
+        (
+            "ES256 DER signature",
+            Some(format!("Bearer {es_h}.{es_p}.{es_der}")),
+        ),
+        (
+            "standard base64 alphabet",
+            Some(format!("Bearer {standard_alphabet}")),
+        ),
+        ("whitespace inside", Some(format!("Bearer {h}. {p}.{s}"))),
+        (
             "audience an object",
             Some(format!(
                 "Bearer {}",
