@@ -172,6 +172,17 @@ impl TokenCache {
         self.len() == 0
     }
 
+    /// The cached token for `key` when it can be served as it is: present,
+    /// not past its life, and not in its refresh window (or already being
+    /// refreshed). The hot path: no allocation, no fetch closure to build.
+    pub async fn get_fresh(&self, key: &Key) -> Option<Arc<Entry>> {
+        let entry = self.entries.get(key).await?;
+        let now = self.clock.now_ms();
+        let fresh = now < entry.serve_until_ms
+            && (now < entry.refresh_at_ms || entry.refreshing.load(Ordering::Acquire));
+        fresh.then_some(entry)
+    }
+
     /// The token for `key`: cached, or fetched once however many callers ask
     /// at the same time. Inside the refresh window the cached token is returned
     /// and `fetch` runs once more in the background.

@@ -268,13 +268,17 @@ impl Exchanger {
         {
             return Err(ExchangeError::AppOnlyCaller);
         }
+        let key = self.key(target, caller, caller_token);
+        if let Some(entry) = self.cache.get_fresh(&key).await {
+            self.count_lookup(cache::Lookup::Hit);
+            return Ok(entry);
+        }
         let subject = if target.grant.is_delegated() {
             Some(Secret::new(caller_token.unwrap_or_default().to_owned()))
         } else {
             None
         };
         let tenant = caller.and_then(|c| c.claim("tid")).map(str::to_owned);
-        let key = self.key(target, caller, caller_token);
 
         let fetch = {
             let url = self.token_url(tenant.as_deref())?;
@@ -326,13 +330,17 @@ impl Exchanger {
             }
         };
         let (result, lookup) = self.cache.get(key, fetch).await;
+        self.count_lookup(lookup);
+        result
+    }
+
+    fn count_lookup(&self, lookup: cache::Lookup) {
         self.metrics
             .token_cache
             .get_or_create(&OutcomeLabel {
                 outcome: lookup.as_str(),
             })
             .inc();
-        result
     }
 
     /// The token endpoint: Entra's for the caller's tenant when multi-tenant
@@ -376,11 +384,18 @@ impl Exchanger {
         };
         part(b"oboe-token-cache-v1");
         part(&target.digest);
-        let claim = |name: &str| {
-            caller
-                .and_then(|c| c.claims.get(name))
-                .map(|v| v.to_string())
-                .unwrap_or_default()
+        // String claims are hashed as they are (no allocation on the hot
+        // path); anything else by its JSON text.
+        let claim = |name: &str| -> std::borrow::Cow<'_, str> {
+            match caller.and_then(|c| c.claims.get(name)) {
+                Some(serde_json::Value::String(v)) => std::borrow::Cow::Borrowed(v.as_str()),
+                Some(other) => std::borrow::Cow::Owned(other.to_string()),
+                None => std::borrow::Cow::Borrowed(""),
+            }
+        };
+        let first_of = |a: &str, b: &str| match claim(a) {
+            v if !v.is_empty() => v,
+            _ => claim(b),
         };
         match (&target.grant, self.key_mode) {
             (GrantRequest::ClientCredentials { .. }, _) => {
@@ -393,22 +408,12 @@ impl Exchanger {
             }
             (_, CacheKeyMode::User) => {
                 part(b"user");
-                for name in ["iss", "tid"] {
-                    part(claim(name).as_bytes());
-                }
-                let user = match claim("oid") {
-                    oid if !oid.is_empty() => oid,
-                    _ => claim("sub"),
-                };
-                part(user.as_bytes());
-                let app = match claim("azp") {
-                    azp if !azp.is_empty() => azp,
-                    _ => claim("appid"),
-                };
-                part(app.as_bytes());
-                for name in ["xms_cc", "acrs"] {
-                    part(claim(name).as_bytes());
-                }
+                part(claim("iss").as_bytes());
+                part(claim("tid").as_bytes());
+                part(first_of("oid", "sub").as_bytes());
+                part(first_of("azp", "appid").as_bytes());
+                part(claim("xms_cc").as_bytes());
+                part(claim("acrs").as_bytes());
             }
         }
         let mut out = [0u8; 32];

@@ -14,6 +14,7 @@ use http::{Request, Response, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use crate::auth::{AuthError, Authenticator, Caller, bearer, policy};
 use crate::config::{Config, Grant, RESERVED_PREFIX, Route};
@@ -243,10 +244,18 @@ impl Proxy {
         // 4. Authenticate the caller and apply the route's policy. Nothing of a
         //    refused request goes further.
         let (mut parts, body) = request.into_parts();
-        let caller = self.authorize(&route, &parts.headers).await?;
+        let caller = self
+            .authorize(&route, &parts.headers)
+            .instrument(tracing::debug_span!("validate", route = %route.name))
+            .await?;
 
         // 5. Decide what goes upstream in Authorization.
         self.apply_grant(&route, caller.as_deref(), &mut parts.headers)
+            .instrument(tracing::debug_span!(
+                "exchange",
+                route = %route.name,
+                grant = route.token.grant.as_str()
+            ))
             .await?;
 
         // 6. Rewrite the request for the upstream.
@@ -266,6 +275,7 @@ impl Proxy {
         let response = self
             .upstreams
             .send(Request::from_parts(parts, body), route.timeout)
+            .instrument(tracing::debug_span!("upstream", route = %route.name))
             .await
             .inspect_err(|e| self.count_upstream_error(&route, e))?;
 

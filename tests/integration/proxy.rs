@@ -104,6 +104,7 @@ async fn host_and_forwarding_headers_are_set_for_the_upstream() {
                     "traceparent",
                     "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
                 )
+                .header("tracestate", "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7")
                 .body(crate::harness::empty())
                 .expect("request"),
         )
@@ -118,6 +119,10 @@ async fn host_and_forwarding_headers_are_set_for_the_upstream() {
     assert_eq!(
         headers["traceparent"][0],
         "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
+    assert_eq!(
+        headers["tracestate"][0],
+        "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
     );
 }
 
