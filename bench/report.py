@@ -12,7 +12,7 @@ import statistics
 import sys
 from collections import OrderedDict
 
-SETUP_ORDER = {"direct": 0, "nginx": 1, "oboe": 2}
+SETUP_ORDER = {"direct": 0, "nginx": 1, "oboe": 2, "oboe-forward": 3, "oboe-obo": 4}
 
 
 def num(value):
@@ -145,7 +145,7 @@ def main():
         if setup != "direct" and direct:
             vs_direct = f"{s['rps'] / direct['rps']:.2f}×"
             added_p99 = f"{s['p99_ms'] - direct['p99_ms']:+.3f} ms"
-        if setup == "oboe" and nginx:
+        if setup.startswith("oboe") and nginx:
             vs_nginx = f"{s['rps'] / nginx['rps']:.2f}×"
         out.append(
             f"| {setup} | {conns} | {s['rps']:,.0f} | {s['rps_min']:,.0f}–{s['rps_max']:,.0f} "

@@ -34,7 +34,7 @@ OBOE_BIN="$REPO_DIR/target/release/oboe"
 DURATION=10s
 REPEAT=3
 CONNECTIONS="32 64 256"
-SETUPS="direct nginx oboe"
+SETUPS="direct nginx oboe oboe-forward oboe-obo"
 WARMUP=2s
 SKIP_BUILD=0
 RATE=5000 # open-loop requests/s (0: no open-loop runs, oha not needed)
@@ -88,7 +88,8 @@ parse_args() {
     CONNECTIONS=${CONNECTIONS//,/ }
     local s
     for s in $SETUPS; do
-        [[ $s == direct || $s == nginx || $s == oboe ]] || die "unknown setup '$s' (direct|nginx|oboe)"
+        [[ $s == direct || $s == nginx || $s == oboe || $s == oboe-forward || $s == oboe-obo ]] ||
+            die "unknown setup '$s' (direct|nginx|oboe|oboe-forward|oboe-obo)"
     done
 }
 
@@ -132,7 +133,8 @@ wait_http_200() {
 # Checks that URL answers 200 with body "ok".
 check_ok_body() {
     local name=$1 url=$2 body
-    body=$(curl --noproxy '*' -sf --max-time 2 "$url") || die "$name: GET $url failed"
+    shift 2
+    body=$(curl --noproxy '*' -sf --max-time 2 "$@" "$url") || die "$name: GET $url failed"
     [[ $body == ok ]] || die "$name: GET $url answered '$body', expected 'ok'"
 }
 
@@ -340,6 +342,41 @@ EOF
     log "oboe: pid $OBOE_PID, port $OBOE_PORT, admin $OBOE_ADMIN_PORT"
 }
 
+# `oboe dev` with its routes sent to the bench upstream: the development IdP,
+# a validated `forward` route (/api/) and an On-Behalf-Of route (/graph/), in
+# one process pinned like the others. The banner's minted user token is the
+# caller token; after the first request the OBO route is served from the cache
+# (the IdP in the same process is then idle).
+start_oboe_dev() {
+    local dir="$WORK_DIR/oboe-dev" i
+    mkdir -p "$dir"
+    (cd "$dir" && OBOE_LOG=warn exec taskset -c "$PROXY_CPU" "$OBOE_BIN" dev \
+        --listen "127.0.0.1:$OBOE_DEV_PORT" --upstream "http://127.0.0.1:$UPSTREAM_PORT") \
+        >"$dir/dev.out" 2>"$dir/dev.log" &
+    OBOE_DEV_PID=$!
+    PIDS+=("$OBOE_DEV_PID")
+    for ((i = 0; i < 100; i++)); do
+        TOKEN=$(sed -n 's/.*export TOKEN=//p' "$dir/dev.out" 2>/dev/null)
+        [[ -n $TOKEN ]] && break
+        sleep 0.1
+    done
+    [[ -n $TOKEN ]] || { show_log "$dir/dev.log"; die "oboe dev printed no token"; }
+    for ((i = 0; i < 100; i++)); do
+        curl -fsS -o /dev/null -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$OBOE_DEV_PORT/graph/x" 2>/dev/null && break
+        sleep 0.1
+    done
+    check_ok_body "oboe forward" "http://127.0.0.1:$OBOE_DEV_PORT/api/" -H "Authorization: Bearer $TOKEN"
+    check_ok_body "oboe obo" "http://127.0.0.1:$OBOE_DEV_PORT/graph/" -H "Authorization: Bearer $TOKEN"
+    log "oboe dev: pid $OBOE_DEV_PID, port $OBOE_DEV_PORT"
+}
+
+# wrk/oha header arguments for SETUP.
+auth_args() {
+    case "$1" in
+        oboe-forward | oboe-obo) printf '%s\n' -H "Authorization: Bearer $TOKEN" ;;
+    esac
+}
+
 stop_all() {
     local pid kids=() more=() i
     for pid in "${PIDS[@]}"; do
@@ -380,6 +417,7 @@ proxy_pids() {
         direct) ;;                            # no proxy
         nginx) children_of "$NGINX_PID" ;;    # the worker(s); the master is idle
         oboe) echo "$OBOE_PID" ;;             # all threads are in the process totals
+        oboe-forward | oboe-obo) echo "$OBOE_DEV_PID" ;;
     esac
 }
 
@@ -425,6 +463,8 @@ url_for() {
         direct) echo "http://127.0.0.1:$UPSTREAM_PORT/" ;;
         nginx) echo "http://127.0.0.1:$NGINX_PORT/" ;;
         oboe) echo "http://127.0.0.1:$OBOE_PORT/" ;;
+        oboe-forward) echo "http://127.0.0.1:$OBOE_DEV_PORT/api/" ;;
+        oboe-obo) echo "http://127.0.0.1:$OBOE_DEV_PORT/graph/" ;;
     esac
 }
 
@@ -449,7 +489,9 @@ measure() {
         t0=$(cpu_ticks "${pids[@]}")
     fi
 
-    taskset -c "$LOAD_CPU" wrk -t1 -c "$conns" -d "$DURATION" --timeout 5s --latency "$url" >"$out" 2>&1 ||
+    local auth=()
+    mapfile -t auth < <(auth_args "$setup")
+    taskset -c "$LOAD_CPU" wrk -t1 -c "$conns" -d "$DURATION" --timeout 5s --latency "${auth[@]}" "$url" >"$out" 2>&1 ||
         { show_log "$out"; die "wrk failed against $setup ($url)"; }
 
     local cpu_us=NaN rss_mib=NaN
@@ -493,7 +535,9 @@ measure_open_loop() {
         t0=$(cpu_ticks "${pids[@]}")
     fi
     # One runtime thread: oha is pinned to one core like wrk.
-    taskset -c "$LOAD_CPU" oha --no-tui --worker-threads 1 -z "$DURATION" -c "$RATE_CONNECTIONS" \
+    local auth=()
+    mapfile -t auth < <(auth_args "$setup")
+    taskset -c "$LOAD_CPU" oha --no-tui --worker-threads 1 "${auth[@]}" -z "$DURATION" -c "$RATE_CONNECTIONS" \
         -q "$RATE" --latency-correction -t 5s --output-format json "$url" >"$out" 2>"$out.err" ||
         { show_log "$out.err"; die "oha failed against $setup ($url)"; }
     if [[ $setup != direct ]]; then
@@ -516,12 +560,13 @@ measure_open_loop() {
 }
 
 run_matrix() {
-    local setup conns rep
+    local setup conns rep auth=()
     for setup in $SETUPS; do
         place_upstream "$setup"
         for conns in $CONNECTIONS; do
             if [[ $WARMUP != 0 && $WARMUP != 0s ]]; then
-                taskset -c "$LOAD_CPU" wrk -t1 -c "$conns" -d "$WARMUP" --timeout 5s "$(url_for "$setup")" >/dev/null 2>&1 ||
+                mapfile -t auth < <(auth_args "$setup")
+                taskset -c "$LOAD_CPU" wrk -t1 -c "$conns" -d "$WARMUP" --timeout 5s "${auth[@]}" "$(url_for "$setup")" >/dev/null 2>&1 ||
                     die "warm-up wrk failed against $setup"
             fi
             for ((rep = 1; rep <= REPEAT; rep++)); do
@@ -542,7 +587,7 @@ main() {
     parse_args "$@"
     (($(nproc --all) >= 2)) || die "needs at least 2 CPUs (found $(nproc --all))"
     install_tools
-    case " $SETUPS " in *" oboe "*) build_oboe ;; esac
+    case " $SETUPS " in *" oboe"*) build_oboe ;; esac
 
     BACKGROUND_CPU=$(background_cpu_pct)
     if ((BACKGROUND_CPU > 10)); then
@@ -555,10 +600,11 @@ main() {
     trap 'exit 143' TERM
     ulimit -n 16384 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-    read -r UPSTREAM_PORT NGINX_PORT OBOE_PORT OBOE_ADMIN_PORT < <(free_ports 4)
+    read -r UPSTREAM_PORT NGINX_PORT OBOE_PORT OBOE_ADMIN_PORT OBOE_DEV_PORT < <(free_ports 5)
     start_upstream
     case " $SETUPS " in *" nginx "*) start_nginx_proxy ;; esac
     case " $SETUPS " in *" oboe "*) start_oboe ;; esac
+    case " $SETUPS " in *" oboe-forward "* | *" oboe-obo "*) start_oboe_dev ;; esac
 
     CLK_TCK=$(getconf CLK_TCK)
     mkdir -p "$OUT_DIR"

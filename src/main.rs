@@ -31,11 +31,15 @@ enum Command {
         #[arg(long, env = "OBOE_CONFIG")]
         config: PathBuf,
     },
-    /// Run a complete local setup (echo upstream and proxy) on loopback.
+    /// Run a complete local setup (development IdP, echo upstream and proxy) on loopback.
     Dev {
         /// Proxy listener address.
         #[arg(long, default_value = "127.0.0.1:7070")]
         listen: SocketAddr,
+        /// Send the dev routes to this upstream (`http://host:port`) instead of
+        /// the built-in echo server (the load benchmark uses it).
+        #[arg(long)]
+        upstream: Option<String>,
     },
     /// Print the JSON Schema of the route file.
     Schema,
@@ -67,13 +71,13 @@ fn main() -> ExitCode {
                 oboe::run_watching(config, path, listeners, shutdown_signal()).await
             })
         }
-        Command::Dev { listen } => {
+        Command::Dev { listen, upstream } => {
             if std::env::var_os("OBOE_LOG").is_none() {
                 init_dev_logging();
             } else {
                 oboe::telemetry::init_logging();
             }
-            block_on(oboe::dev::run(listen, shutdown_signal()))
+            block_on(oboe::dev::run(listen, upstream, shutdown_signal()))
         }
     }
 }

@@ -21,8 +21,9 @@ pub struct DevSetup {
     pub proxy: SocketAddr,
     /// The admin listener.
     pub admin: SocketAddr,
-    /// The echo upstream.
-    pub echo: SocketAddr,
+    /// The upstream every dev route goes to (`http://host:port`, no trailing
+    /// slash): the built-in echo server unless another was given.
+    pub upstream: String,
     /// The development IdP's base URL.
     pub idp: String,
 }
@@ -34,7 +35,7 @@ pub fn dev_config_yaml(setup: &DevSetup, secret_file: &std::path::Path) -> Strin
     let DevSetup {
         proxy,
         admin,
-        echo,
+        upstream,
         idp,
     } = setup;
     let tenant = idp::DEV_TENANT;
@@ -55,22 +56,22 @@ inbound:
 routes:
   - name: echo
     path_prefix: /echo/
-    upstream: http://{echo}/
+    upstream: {upstream}/
     caller: {{ required: false }}
     token: {{ grant: none }}
   - name: api
     path_prefix: /api/
-    upstream: http://{echo}/api/
+    upstream: {upstream}/api/
     caller: {{ required: true, scopes: [access_as_user] }}
     token: {{ grant: forward }}
   - name: graph
     path_prefix: /graph/
-    upstream: http://{echo}/v1.0/
+    upstream: {upstream}/v1.0/
     caller: {{ required: true, kinds: [user] }}
     token: {{ grant: on_behalf_of, scopes: [https://graph.microsoft.com/User.Read] }}
   - name: jobs
     path_prefix: /jobs/
-    upstream: http://{echo}/jobs/
+    upstream: {upstream}/jobs/
     caller: {{ required: false }}
     token: {{ grant: client_credentials, scopes: [api://jobs/.default] }}
 "#,
@@ -82,6 +83,7 @@ routes:
 /// to call them, and runs until `shutdown` completes.
 pub async fn run(
     listen: SocketAddr,
+    upstream: Option<String>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), RunError> {
     let bind = |addr: SocketAddr| async move {
@@ -113,7 +115,9 @@ pub async fn run(
     let setup = DevSetup {
         proxy: local(&proxy, listen),
         admin: local(&admin, loopback),
-        echo: echo_addr,
+        upstream: upstream
+            .map(|u| u.trim_end_matches('/').to_owned())
+            .unwrap_or_else(|| format!("http://{echo_addr}")),
         idp: idp.base_url(),
     };
     let yaml = dev_config_yaml(&setup, &secret_file.0);
@@ -167,7 +171,7 @@ fn print_banner(setup: &DevSetup, token: &str) {
   proxy      http://{proxy}
   admin      http://{admin}/metrics  /readyz  /healthz
   idp        {idp}  (development identity provider, Entra-shaped)
-  upstream   http://{echo}  (echo: answers with what it received)
+  upstream   {upstream}  (the echo server answers with what it received)
 
   A user token from the dev IdP (valid for an hour):
 
@@ -192,7 +196,7 @@ fn print_banner(setup: &DevSetup, token: &str) {
 "#,
         proxy = setup.proxy,
         admin = setup.admin,
-        echo = setup.echo,
+        upstream = setup.upstream,
         idp = setup.idp,
     );
 }

@@ -232,3 +232,62 @@ fn the_committed_schema_matches_oboe_schema() {
         "config/oboe.schema.json is stale: run `cargo run -- schema > config/oboe.schema.json`"
     );
 }
+
+#[tokio::test]
+async fn dev_runs_the_whole_flow_with_the_token_it_prints() {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::from(oboe_command())
+        .args(["dev", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn oboe dev");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let (mut proxy, mut token) = (None, None);
+    crate::harness::within("the dev banner", async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let line = line.trim();
+            if let Some(url) = line.strip_prefix("proxy") {
+                proxy = Some(url.trim().to_owned());
+            }
+            if let Some(t) = line.strip_prefix("export TOKEN=") {
+                token = Some(t.to_owned());
+                break;
+            }
+        }
+    })
+    .await;
+    let (proxy, token) = (proxy.expect("proxy URL"), token.expect("token"));
+    let client = crate::harness::Client::http1();
+    let authed = |path: &str| {
+        http::Request::get(format!("{proxy}{path}"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(crate::harness::empty())
+            .expect("request")
+    };
+    crate::harness::eventually("the dev proxy to be ready", || async {
+        client
+            .try_send(authed("/api/x"))
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    let graph = client.send(authed("/graph/me")).await;
+    assert_eq!(graph.status, 200, "{}", graph.text());
+    let seen = graph.json()["headers"]["authorization"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        seen.starts_with("Bearer ") && !seen.contains(&token),
+        "exchanged: {seen}"
+    );
+    assert_eq!(client.get(&format!("{proxy}/echo/hi")).await.status, 200);
+    assert_eq!(client.get(&format!("{proxy}/jobs/run")).await.status, 200);
+    client
+        .get(&format!("{proxy}/api/x"))
+        .await
+        .assert_problem(401, "invalid_token");
+    let _ = child.kill().await;
+}
