@@ -110,10 +110,16 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn block_on(future: impl std::future::Future<Output = Result<(), oboe::RunError>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // A sidecar pinned to one CPU (a CPU limit of 1 or less, or taskset) runs
+    // best on the single-threaded scheduler: no work stealing, no cross-thread
+    // wake-ups. std's available_parallelism honours affinity and cgroup quotas.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut builder = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("start runtime: {e}");
