@@ -78,7 +78,9 @@ pub async fn serve_proxy(
                     // Each request holds the configuration it started with, so
                     // a reload never changes a request halfway.
                     let proxy = live.proxy.load_full();
-                    async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
+                    // Boxed once here, so hyper moves a pointer, not the whole
+                    // request state machine.
+                    Box::pin(async move { Ok::<_, Infallible>(proxy.handle(req, client).await) })
                 });
                 let conn = builder
                     .serve_connection(TokioIo::new(stream), service)

@@ -89,7 +89,8 @@ impl Proxy {
         // oboe's own endpoints live under a prefix no route may use.
         if request.uri().path().starts_with(RESERVED_PREFIX) {
             guard.route = Some(Arc::from("oboe"));
-            return match self.own_endpoint(request).await {
+            // Boxed: rare, and its state must not grow every request's future.
+            return match Box::pin(self.own_endpoint(request)).await {
                 Ok(response) => {
                     guard.status = response.status();
                     response.map(|body| Observed::new(Either::Right(body), guard))
@@ -188,9 +189,11 @@ impl Proxy {
                     ))
                 })?;
                 let caller_token = bearer::extract(headers).ok().map(str::to_owned);
-                let entry = exchange
-                    .token(route, caller, caller_token.as_deref())
-                    .await?;
+                // Boxed: the exchange future is large and only a miss needs
+                // it for long; keeping it out of the request future keeps
+                // every request's state small (moves of it showed in profiles).
+                let entry =
+                    Box::pin(exchange.token(route, caller, caller_token.as_deref())).await?;
                 headers.remove(header::AUTHORIZATION);
                 if let Some(token) = caller_token.as_deref() {
                     remove_token_everywhere(headers, token);
@@ -212,7 +215,7 @@ impl Proxy {
         }
         // The config refuses routes that require callers without an identity.
         let auth = self.auth.as_ref().ok_or(AuthError::KeysUnavailable)?;
-        let caller = auth.authenticate(headers).await?;
+        let caller = Box::pin(auth.authenticate(headers)).await?;
         if let Err(forbidden) = policy::authorize(&route.caller, &caller) {
             auth.count_forbidden(&forbidden);
             return Err(AuthError::Forbidden(forbidden).into());
