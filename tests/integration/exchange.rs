@@ -538,7 +538,7 @@ async fn rfc8693_exchange_with_private_key_jwt_at_a_generic_idp() {
             "/orders/",
             &echo.url("/"),
             "{ required: true }",
-            "{ grant: token_exchange, audience: [orders-api], scopes: [orders.read] }"
+            "{ grant: token_exchange, audience: [orders-api], resource: [https://orders.example/api], scopes: [orders.read] }"
         ),
     );
     let oboe = Oboe::start(&yaml).await;
@@ -562,6 +562,7 @@ async fn rfc8693_exchange_with_private_key_jwt_at_a_generic_idp() {
         Some("urn:ietf:params:oauth:token-type:access_token")
     );
     assert_eq!(sent.get("audience"), Some("orders-api"));
+    assert_eq!(sent.get("resource"), Some("https://orders.example/api"));
     assert_eq!(sent.get("scope"), Some("orders.read"));
     assert!(sent.get("client_assertion").is_some());
     drop(dir);
@@ -843,4 +844,22 @@ async fn logs_never_carry_tokens_or_secrets() {
         assert!(!log.contains(secret), "the log carries the {what}");
     }
     drop(dir);
+}
+
+#[tokio::test]
+async fn an_assertion_the_idp_refuses_is_401_invalid_token() {
+    let s = setup().await;
+    let caller = s.idp.mint(&user_mint().lifetime(Duration::from_secs(600)));
+    // Valid for oboe, expired for the IdP (its clock is ahead).
+    s.idp.advance_clock(1200);
+    let reply = call(&s.oboe.proxy_url("/graph/me"), &caller).await;
+    let body = reply.assert_problem(401, "invalid_token");
+    assert_eq!(body["idp_error_codes"], json!([500133]), "{body}");
+    assert!(
+        reply
+            .header("www-authenticate")
+            .unwrap_or_default()
+            .contains("error=\"invalid_token\""),
+    );
+    assert_eq!(s.echo.received(), 0);
 }
