@@ -1,29 +1,38 @@
 #!/usr/bin/env bash
-# bench/run.sh — HTTP/1.1 reverse-proxy benchmark on loopback: direct vs nginx vs oboe.
+# bench/run.sh — HTTP/1.1 reverse-proxy benchmark on loopback: direct vs nginx vs
+# Envoy (JWT validation) vs oboe (pass-through, validated forward, OBO cache hit,
+# OBO cache miss with a new user every request).
 #
-#   bash bench/run.sh [--duration 10s] [--repeat 3] [--connections "32 64 256"]
-#                     [--setups "direct nginx oboe"] [--warmup 2s] [--skip-build]
-#                     [--rate 5000] [--rate-connections 32]
+#   bash bench/run.sh [--duration 10s] [--repeat 3] [--connections "32 256"]
+#                     [--setups "direct nginx envoy-jwt oboe oboe-forward oboe-obo oboe-obo-miss"]
+#                     [--warmup 2s] [--skip-build] [--rate 1000] [--rate-connections 32]
+#                     [--users N]
+#   bash bench/run.sh --memory [--users 100000] [--skip-build]
 #
 # Closed loop (the main table): wrk, each connection sends its next request as soon as
 # the previous answer arrives, so req/s is the saturation throughput. Open loop (the
-# second table, skipped with --rate 0): oha at a fixed rate well below saturation with
+# second table, skipped with --rate 0): oha at a fixed rate below saturation with
 # coordinated-omission correction, i.e. the latency an app sees at a normal load.
+# --memory instead measures oboe's idle RSS, start-to-ready time and RSS growth per
+# cached downstream token (--users distinct users, one request each).
 #
 # Everything listens on 127.0.0.1 only, on free ports, in a throw-away work dir,
-# and is killed on exit. Results: a Markdown table on stdout and bench/out/results.md
-# (raw per-run numbers in bench/out/runs.tsv and open-loop.tsv). See bench/README.md.
+# and is killed on exit. Results: Markdown on stdout and bench/out/results.md
+# (raw per-run numbers in bench/out/runs.tsv and open-loop.tsv; --memory:
+# bench/out/memory.md). See bench/README.md.
 #
 # CPU pinning (2-core machine; same for every setup so the comparison is fair):
-#   core 0 (LOAD_CPU):  wrk, and the upstream nginx in the proxied setups
-#   core 1 (PROXY_CPU): the proxy under test (nginx worker or every oboe thread)
+#   core 0 (LOAD_CPU):  wrk/oha, the upstream nginx in the proxied setups, and the
+#                       dev IdP (`oboe dev`: key set, user tokens, OBO answers)
+#   core 1 (PROXY_CPU): the proxy under test (nginx worker, Envoy with one worker,
+#                       or every thread of an `oboe run`)
 #   direct:             wrk on core 0, the upstream alone on core 1
 # The proxy gets a core to itself, so its CPU time per request and its req/s are not
 # disturbed by the generator. The upstream shares core 0 with wrk because it is the
 # cheapest piece (a `return 200`); in "direct" it moves to core 1 so that "direct" is
 # the ceiling of this generator+upstream pair, not a setup handicapped by sharing a
 # core. Consequence: ratios to direct include the cost of moving the upstream onto
-# the generator's core; ratios oboe/nginx compare like with like.
+# the generator's core; ratios between proxies compare like with like.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -31,24 +40,37 @@ REPO_DIR=$(cd "$SCRIPT_DIR/.." && pwd)
 OUT_DIR="$SCRIPT_DIR/out"
 OBOE_BIN="$REPO_DIR/target/release/oboe"
 
+ALL_SETUPS="direct nginx envoy-jwt oboe oboe-forward oboe-obo oboe-obo-miss"
 DURATION=10s
 REPEAT=3
-CONNECTIONS="32 64 256"
-SETUPS="direct nginx oboe oboe-forward oboe-obo"
+CONNECTIONS="32 256"
+SETUPS=$ALL_SETUPS
 WARMUP=2s
 SKIP_BUILD=0
-RATE=5000 # open-loop requests/s (0: no open-loop runs, oha not needed)
+RATE=1000 # open-loop requests/s (0: no open-loop runs, oha not needed)
 RATE_CONNECTIONS=32
+USERS=""  # user tokens minted for oboe-obo-miss / --memory (default: sized from the plan)
+MEMORY=0
 LOAD_CPU=${BENCH_LOAD_CPU:-0}
 PROXY_CPU=${BENCH_PROXY_CPU:-1}
 READY_TIMEOUT=${BENCH_READY_TIMEOUT:-30} # seconds a server gets to come up
+# Envoy's jwt_authn verifies every token by default; 1 turns on its verified-JWT
+# cache (jwt_cache_config), the counterpart of oboe's verified-token cache.
+ENVOY_JWT_CACHE=${BENCH_ENVOY_JWT_CACHE:-0}
 
 WORK_DIR=""
-PIDS=()          # every process we started (nginx masters, oboe), killed on exit
+PIDS=()          # every process we started (nginx masters, envoy, oboe), killed on exit
 UPSTREAM_PID=""  # nginx master of the upstream
 NGINX_PID=""     # nginx master of the reverse proxy
-OBOE_PID=""
+ENVOY_PID="" ENVOY_BIN="" ENVOY_NOTE=""
+OBOE_PID=""      # oboe run, pass-through route
+OBOE_ID_PID=""   # oboe run, dev IdP identity: /api/ forward, /graph/ On-Behalf-Of
+DEV_PID=""       # oboe dev: the development IdP
 UPSTREAM_PORT="" NGINX_PORT="" OBOE_PORT="" OBOE_ADMIN_PORT=""
+ENVOY_PORT="" ENVOY_ADMIN_PORT="" OBOE_ID_PORT="" OBOE_ID_ADMIN_PORT="" DEV_PORT=""
+TOKEN="" IDP_URL="" ISSUER="" AUDIENCE="" TENANT="" CLIENT_ID=""
+USERS_FILE="" USERS_STATE="" SECRET_FILE=""
+MISS_NOTE=""
 
 # ---------------------------------------------------------------------------- utils
 
@@ -60,7 +82,7 @@ die() {
 }
 
 usage() {
-    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -75,6 +97,8 @@ parse_args() {
             --skip-build) SKIP_BUILD=1; shift ;;
             --rate) RATE=${2:?--rate needs a value}; shift 2 ;;
             --rate-connections) RATE_CONNECTIONS=${2:?--rate-connections needs a value}; shift 2 ;;
+            --users) USERS=${2:?--users needs a value}; shift 2 ;;
+            --memory) MEMORY=1; shift ;;
             -h | --help) usage 0 ;;
             *) log "unknown argument: $1"; usage 2 ;;
         esac
@@ -84,13 +108,27 @@ parse_args() {
     [[ $RATE =~ ^[0-9]+$ ]] || die "--rate must be a non-negative integer, got '$RATE'"
     [[ $RATE_CONNECTIONS =~ ^[1-9][0-9]*$ ]] || die "--rate-connections must be a positive integer"
     [[ $WARMUP =~ ^[0-9]+[smh]?$ ]] || die "--warmup must look like 2s, got '$WARMUP'"
+    [[ -z $USERS || $USERS =~ ^[1-9][0-9]*$ ]] || die "--users must be a positive integer, got '$USERS'"
     SETUPS=${SETUPS//,/ }
     CONNECTIONS=${CONNECTIONS//,/ }
     local s
     for s in $SETUPS; do
-        [[ $s == direct || $s == nginx || $s == oboe || $s == oboe-forward || $s == oboe-obo ]] ||
-            die "unknown setup '$s' (direct|nginx|oboe|oboe-forward|oboe-obo)"
+        [[ " $ALL_SETUPS " == *" $s "* ]] || die "unknown setup '$s' (${ALL_SETUPS// /|})"
     done
+}
+
+# True if SETUP is in $SETUPS.
+has_setup() { [[ " $SETUPS " == *" $1 "* ]]; }
+
+# Seconds in a wrk-style duration (10s, 2m, 1h, or plain seconds).
+seconds_of() {
+    local v=$1
+    case "$v" in
+        *h) echo $((${v%h} * 3600)) ;;
+        *m) echo $((${v%m} * 60)) ;;
+        *s) echo "${v%s}" ;;
+        *) echo "$v" ;;
+    esac
 }
 
 # Prints the last lines of a log file, indented, to stderr.

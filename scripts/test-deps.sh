@@ -22,3 +22,7 @@ if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('kubern
   PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore \
     python3 -m pip install --quiet --disable-pip-version-check "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
 fi
+
+# tests/integration/shared_cache.rs runs Debian's redis-server (started by the
+# tests on free ports; the test helper installs it too when it is missing).
+if ! command -v redis-server >/dev/null 2>&1; then apt_install redis-server; fi

@@ -18,7 +18,8 @@ variant includes it):
    under one of oboe's volume mounts and is provided by that volume; ports,
    probes, grace period, user and config path agree with the route file and
    the Dockerfile; the variants' route files differ only in
-   identity.credential; the PodMonitor selects the pods and their admin port.
+   identity.credential (and cache.shared); the PodMonitor selects the pods
+   and their admin port.
 
 Prints every problem and exits 1, or exits 0.
 """
@@ -429,10 +430,15 @@ def check_pod_monitor(where, monitor, renderings, problems):
 
 
 def check_route_files_agree(route_files, problems):
-    """The variants are one route file with another credential."""
+    """The variants are one route file with another credential (and, in the
+    shared-cache variant, a shared token cache)."""
     def without_credential(route_file):
         route_file = copy.deepcopy(route_file)
         route_file.get("identity", {}).pop("credential", None)
+        cache = route_file.get("cache", {})
+        cache.pop("shared", None)
+        if cache == {}:
+            route_file.pop("cache", None)
         return route_file
 
     (first_where, first), *others = route_files.items()

@@ -40,6 +40,18 @@ enum Command {
         /// the built-in echo server (the load benchmark uses it).
         #[arg(long)]
         upstream: Option<String>,
+        /// Mint this many user tokens (ES256, each for a different user) into
+        /// --mint-file, one per line, before printing the banner.
+        #[arg(long, value_name = "N", requires = "mint_file")]
+        mint_users: Option<u64>,
+        /// Where --mint-users writes its tokens (created or truncated).
+        #[arg(long, value_name = "PATH", requires = "mint_users")]
+        mint_file: Option<PathBuf>,
+        /// Use the secret in this file as oboe's client secret at the dev IdP
+        /// instead of a random one, so another oboe (`oboe run`) can use the
+        /// dev IdP too.
+        #[arg(long, value_name = "PATH")]
+        client_secret_file: Option<PathBuf>,
     },
     /// Print the JSON Schema of the route file.
     Schema,
@@ -57,27 +69,42 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run { config: path } => {
-            oboe::telemetry::init_logging();
             let config = match oboe::config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
+                    oboe::telemetry::init_logging();
                     tracing::error!("{e}");
                     eprintln!("{e}");
                     return ExitCode::FAILURE;
                 }
             };
+            // The OTLP exporter runs on the runtime; the guard flushes it on exit.
+            let telemetry = config.telemetry.clone();
             block_on(async move {
+                let _tracing = oboe::telemetry::init(&telemetry);
                 let listeners = oboe::Listeners::bind(&config).await?;
                 oboe::run_watching(config, path, listeners, shutdown_signal()).await
             })
         }
-        Command::Dev { listen, upstream } => {
+        Command::Dev {
+            listen,
+            upstream,
+            mint_users,
+            mint_file,
+            client_secret_file,
+        } => {
             if std::env::var_os("OBOE_LOG").is_none() {
                 init_dev_logging();
             } else {
                 oboe::telemetry::init_logging();
             }
-            block_on(oboe::dev::run(listen, upstream, shutdown_signal()))
+            let options = oboe::dev::DevOptions {
+                upstream,
+                mint_users: mint_users.zip(mint_file),
+                client_secret_file,
+                ..oboe::dev::DevOptions::new(listen)
+            };
+            block_on(oboe::dev::run(options, shutdown_signal()))
         }
     }
 }

@@ -17,24 +17,158 @@ use tracing_subscriber::EnvFilter;
 /// when `OBOE_LOG_FORMAT=json` (or when stdout is not a terminal and the variable
 /// is unset, as in a container). Level from `OBOE_LOG` (default `info`).
 pub fn init_logging() {
+    drop(init(&crate::config::Telemetry::default()));
+}
+
+/// Keeps the span exporter running; dropping it flushes what is buffered.
+#[must_use = "dropping the guard stops span export"]
+#[derive(Default)]
+pub struct TracingGuard {
+    #[cfg(feature = "otlp")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for TracingGuard {
+    fn drop(&mut self) {
+        #[cfg(feature = "otlp")]
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// Like [`init_logging`], and exports spans over OTLP when `telemetry.otlp` is
+/// set (builds with the `otlp` feature only; the config refuses it otherwise).
+pub fn init(telemetry: &crate::config::Telemetry) -> TracingGuard {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let filter = EnvFilter::try_from_env("OBOE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let json = match std::env::var("OBOE_LOG_FORMAT").as_deref() {
         Ok("json") => true,
         Ok(_) => false,
         Err(_) => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let result = if json {
-        builder.json().flatten_event(true).try_init()
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = if json {
+        fmt.json().flatten_event(true).boxed()
     } else {
-        builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init()
+        fmt.with_ansi(std::io::stderr().is_terminal()).boxed()
     };
+    let registry = tracing_subscriber::registry().with(fmt.with_filter(filter));
+    let guard = TracingGuard::default();
+    #[cfg(feature = "otlp")]
+    if let Some(otlp) = &telemetry.otlp {
+        match otel::layer(otlp) {
+            Ok((layer, provider)) => {
+                // A second init (tests) keeps the first.
+                let _ = registry.with(layer).try_init();
+                return TracingGuard {
+                    provider: Some(provider),
+                };
+            }
+            Err(e) => eprintln!("OTLP export disabled: {e}"),
+        }
+    }
+    let _ = telemetry;
     // A second init (tests, `dev` inside another process) keeps the first.
-    drop(result);
+    let _ = registry.try_init();
+    guard
+}
+
+/// W3C trace context between `http::HeaderMap`s and OpenTelemetry, and the
+/// OTLP pipeline. Only in builds with the `otlp` feature.
+#[cfg(feature = "otlp")]
+pub mod otel {
+    use http::HeaderMap;
+    use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    use crate::config::Otlp;
+
+    /// The exporter layer and its provider (kept alive by the caller).
+    pub fn layer<S>(
+        otlp: &Otlp,
+    ) -> Result<
+        (
+            impl tracing_subscriber::Layer<S> + 'static,
+            SdkTracerProvider,
+        ),
+        String,
+    >
+    where
+        S: tracing::Subscriber + Send + Sync + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        use opentelemetry_otlp::WithExportConfig;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(otlp.endpoint.clone())
+            .build()
+            .map_err(|e| e.to_string())?;
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                otlp.sample_ratio,
+            ))))
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name(otlp.service_name.clone())
+                    .build(),
+            )
+            .build();
+        let tracer = provider.tracer("oboe");
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        let filter =
+            tracing_subscriber::filter::Targets::new().with_target("oboe", tracing::Level::DEBUG);
+        use tracing_subscriber::Layer;
+        Ok((
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(filter),
+            provider,
+        ))
+    }
+
+    struct Headers<'a>(&'a HeaderMap);
+
+    impl Extractor for Headers<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            self.0.get(key).and_then(|v| v.to_str().ok())
+        }
+        fn keys(&self) -> Vec<&str> {
+            self.0.keys().map(|k| k.as_str()).collect()
+        }
+    }
+
+    struct HeadersMut<'a>(&'a mut HeaderMap);
+
+    impl Injector for HeadersMut<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            if let (Ok(name), Ok(value)) = (
+                http::header::HeaderName::from_bytes(key.as_bytes()),
+                http::HeaderValue::from_str(&value),
+            ) {
+                self.0.insert(name, value);
+            }
+        }
+    }
+
+    /// Makes the caller's `traceparent` the parent of `span`.
+    pub fn adopt_parent(span: &tracing::Span, headers: &HeaderMap) {
+        let parent = TraceContextPropagator::new().extract(&Headers(headers));
+        let _ = span.set_parent(parent);
+    }
+
+    /// Writes `span`'s context as `traceparent`/`tracestate` for the upstream,
+    /// so the upstream's spans are children of oboe's.
+    pub fn inject(span: &tracing::Span, headers: &mut HeaderMap) {
+        let context = span.context();
+        TraceContextPropagator::new().inject_context(&context, &mut HeadersMut(headers));
+    }
 }
 
 /// Labels of a finished request.
@@ -130,6 +264,14 @@ pub struct Metrics {
     pub exchange_duration: Histogram,
     /// Downstream token cache lookups, by outcome (hit, refresh, miss, negative).
     pub token_cache: Family<OutcomeLabel, Counter>,
+    /// Shared (Redis) cache lookups after an in-memory miss, by outcome.
+    pub shared_cache: Family<OutcomeLabel, Counter>,
+    /// Shared cache failures (Redis errors and timeouts, undecryptable values), by reason.
+    pub shared_cache_errors: Family<ReasonLabel, Counter>,
+    /// Duration of each Redis round trip.
+    pub shared_cache_duration: Histogram,
+    /// The Redis circuit breaker: 0 closed, 1 open (Redis skipped), 2 half-open (probing).
+    pub shared_cache_breaker: Gauge,
     /// Route file reloads, by outcome (ok, invalid, restart_required).
     pub config_reloads: Family<OutcomeLabel, Counter>,
     /// Unix time of the last successful reload.
@@ -226,6 +368,31 @@ impl Metrics {
             "Downstream token cache lookups, by outcome (hit, refresh, miss, negative)",
             token_cache.clone(),
         );
+        let shared_cache = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "shared_cache",
+            "Shared (Redis) token cache lookups after an in-memory miss, by outcome (hit, miss, waited, wait_timeout, skipped)",
+            shared_cache.clone(),
+        );
+        let shared_cache_errors = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "shared_cache_errors",
+            "Shared token cache failures, by reason (timeout, connection, server, undecryptable, unknown_key); requests go on without it",
+            shared_cache_errors.clone(),
+        );
+        // 50 µs to ~0.8 s: a Redis round trip is well under a millisecond.
+        let shared_cache_duration = Histogram::new(exponential_buckets(0.000_05, 2.0, 15));
+        registry.register(
+            "shared_cache_duration_seconds",
+            "Duration of each Redis round trip of the shared token cache",
+            shared_cache_duration.clone(),
+        );
+        let shared_cache_breaker = Gauge::default();
+        registry.register(
+            "shared_cache_breaker_state",
+            "Redis circuit breaker: 0 closed, 1 open (Redis skipped), 2 half-open (probing)",
+            shared_cache_breaker.clone(),
+        );
         let config_reloads = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "config_reloads",
@@ -258,6 +425,10 @@ impl Metrics {
             exchanges,
             exchange_duration,
             token_cache,
+            shared_cache,
+            shared_cache_errors,
+            shared_cache_duration,
+            shared_cache_breaker,
             config_reloads,
             config_last_reload,
             scrape_hooks: std::sync::Mutex::new(Vec::new()),

@@ -18,7 +18,7 @@ use figment::providers::{Env, Format};
 
 pub use raw::RawConfig;
 pub use types::*;
-pub use validate::{RESERVED_PREFIX, is_guid};
+pub use validate::{RESERVED_PREFIX, check_redis_url, is_guid};
 
 /// Top-level keys that `OBOE_*` variables may override. Other `OBOE_` variables
 /// (`OBOE_CONFIG`, `OBOE_LOG`, secrets referenced with `{ env: ... }`) are not config keys.
@@ -31,6 +31,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "identity",
     "inbound",
     "cache",
+    "telemetry",
 ];
 
 /// One problem found in a route file.

@@ -31,9 +31,31 @@ pub struct RawConfig {
     pub inbound: Option<RawInbound>,
     /// The downstream token cache.
     pub cache: Option<RawCache>,
+    /// Tracing export. Off unless `telemetry.otlp` is set (needs the `otlp` build feature).
+    pub telemetry: Option<RawTelemetry>,
     /// The routes, matched by longest `path_prefix`.
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+}
+
+/// Tracing export.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawTelemetry {
+    /// Export spans over OTLP/gRPC to this collector, e.g. `http://otel-collector:4317`.
+    pub otlp: Option<RawOtlp>,
+}
+
+/// OTLP span export.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawOtlp {
+    /// The collector's OTLP/gRPC endpoint (`http://` or `https://`).
+    pub endpoint: Option<String>,
+    /// `service.name` of the exported spans. Defaults to `oboe`.
+    pub service_name: Option<String>,
+    /// Fraction of requests traced when the caller sent no sampled `traceparent`, 0.0–1.0. Defaults to `1.0`.
+    pub sample_ratio: Option<f64>,
 }
 
 /// The admin listener.
@@ -172,27 +194,53 @@ pub struct RawCache {
     pub shared: Option<RawSharedCache>,
 }
 
-/// Redis L2 cache.
+/// The shared L2 token cache (Redis), behind the in-memory one: replicas of
+/// one API exchange each user's token once between them. Values are encrypted
+/// (AES-256-GCM) and keys are hashes, so Redis never sees a token or a user id.
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[schemars(deny_unknown_fields)]
 pub struct RawSharedCache {
-    /// `redis://` or `rediss://` URL, without credentials.
-    pub url: Option<String>,
-    /// Redis password.
+    /// `redis://host:port[/db]` or `rediss://host:port[/db]` (TLS), without
+    /// credentials (those go in `username` and `password`); inline, or
+    /// `{ env: VARIABLE }` / `{ file: /path }` when it comes from a Secret.
+    pub url: Option<RawRedisUrl>,
+    /// Redis ACL user name (Redis 6+), from an environment variable or a file.
+    pub username: Option<RawSecretSource>,
+    /// Redis password (or access key), from an environment variable or a file.
     pub password: Option<RawSecretSource>,
     /// Prefix of every key oboe writes. Defaults to `oboe:`.
     pub key_prefix: Option<String>,
-    /// AES-256 keys; the first encrypts, all decrypt.
+    /// TCP (+ TLS) connect timeout. Defaults to `200ms`.
+    pub connect_timeout: Option<String>,
+    /// Time allowed for one Redis command; a slower Redis is skipped, never
+    /// waited for. Defaults to `50ms`.
+    pub timeout: Option<String>,
+    /// `rediss://` only: a PEM bundle of the CA certificates that Redis's
+    /// certificate is checked against, instead of the web PKI roots.
+    pub ca_file: Option<String>,
+    /// AES-256 keys (32 bytes, base64); the first encrypts, all decrypt. Add a
+    /// new key first and keep the old one after it while entries it wrote live.
     pub encryption_keys: Option<Vec<RawEncryptionKey>>,
+}
+
+/// The Redis URL: written inline or read from an environment variable or a file.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RawRedisUrl {
+    /// The URL itself.
+    Inline(String),
+    /// Where the URL is read from at startup.
+    From(RawSecretSource),
 }
 
 /// One AES-256 key of the shared cache.
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[schemars(deny_unknown_fields)]
 pub struct RawEncryptionKey {
-    /// Key id stored with every value it encrypts.
+    /// Key id stored (in clear) with every value it encrypts: letters, digits,
+    /// `-`, `_`, `.`; at most 32 characters.
     pub id: Option<String>,
-    /// The base64 key.
+    /// The base64 key (32 bytes), from an environment variable or a file.
     pub key: Option<RawSecretSource>,
 }
 

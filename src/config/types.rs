@@ -30,6 +30,8 @@ pub struct Config {
     pub inbound: Inbound,
     /// Downstream token cache settings.
     pub cache: Cache,
+    /// Tracing export.
+    pub telemetry: Telemetry,
     /// Routes in file order.
     pub routes: Vec<Route>,
 }
@@ -202,6 +204,24 @@ pub enum CacheKeyMode {
     Token,
 }
 
+/// Tracing export settings.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Telemetry {
+    /// OTLP span export, when configured.
+    pub otlp: Option<Otlp>,
+}
+
+/// OTLP span export.
+#[derive(Debug, Clone, Serialize)]
+pub struct Otlp {
+    /// Collector endpoint.
+    pub endpoint: String,
+    /// `service.name`.
+    pub service_name: String,
+    /// Sampling ratio for root spans.
+    pub sample_ratio: f64,
+}
+
 /// Downstream token cache settings.
 #[derive(Debug, Clone, Serialize)]
 pub struct Cache {
@@ -212,6 +232,52 @@ pub struct Cache {
     pub refresh_before_expiry: Duration,
     /// Keying mode.
     pub key: CacheKeyMode,
+    /// The shared L2 cache, when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared: Option<SharedCache>,
+}
+
+/// The shared L2 token cache (Redis).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SharedCache {
+    /// `redis://` or `rediss://` URL, without credentials.
+    pub url: RedisUrl,
+    /// ACL user name source.
+    pub username: Option<SecretSource>,
+    /// Password source.
+    pub password: Option<SecretSource>,
+    /// Prefix of every key.
+    pub key_prefix: String,
+    /// Connect timeout.
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    /// Timeout of one command.
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    /// CA bundle for `rediss://`, replacing the web PKI roots.
+    pub ca_file: Option<PathBuf>,
+    /// Encryption keys; the first encrypts.
+    pub encryption_keys: Vec<EncryptionKey>,
+}
+
+/// The Redis URL, or where it is read from at startup (a Secret, when an
+/// operator provisions Redis and writes its address there).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum RedisUrl {
+    /// Written in the route file (already checked).
+    Inline(String),
+    /// Read, and checked, at startup.
+    From(SecretSource),
+}
+
+/// One AES-256 key of the shared cache: its id and where it is read from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EncryptionKey {
+    /// Key id, stored with each value.
+    pub id: String,
+    /// Where the base64 key is read from.
+    pub key: SecretSource,
 }
 
 /// One route.

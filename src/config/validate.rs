@@ -133,6 +133,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
 
     let inbound = inbound(&mut p, raw.inbound.unwrap_or_default(), identity.as_ref());
     let cache = cache(&mut p, raw.cache.unwrap_or_default());
+    let telemetry = telemetry(&mut p, raw.telemetry.unwrap_or_default());
     let routes = indexed.into_iter().map(|(_, r)| r).collect();
 
     if p.0.is_empty() {
@@ -145,6 +146,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             identity,
             inbound,
             cache,
+            telemetry,
             routes,
         })
     } else {
@@ -513,12 +515,7 @@ fn cache(p: &mut Problems, raw: RawCache) -> Cache {
             CacheKeyMode::User
         }
     };
-    if raw.shared.is_some() {
-        p.push(
-            "cache.shared",
-            "the shared (Redis) cache is not available in this version of oboe; remove the section",
-        );
-    }
+    let shared = raw.shared.and_then(|s| shared_cache(p, s));
     Cache {
         max_entries: p.positive("cache.max_entries", raw.max_entries, 100_000),
         refresh_before_expiry: p.duration(
@@ -527,7 +524,176 @@ fn cache(p: &mut Problems, raw: RawCache) -> Cache {
             Duration::from_secs(300),
         ),
         key,
+        shared,
     }
+}
+
+/// Longest Redis key prefix and encryption key id (both are stored with
+/// every entry).
+const MAX_PREFIX_LEN: usize = 64;
+const MAX_KEY_ID_LEN: usize = 32;
+
+fn shared_cache(p: &mut Problems, raw: RawSharedCache) -> Option<SharedCache> {
+    const PATH: &str = "cache.shared";
+    let before = p.0.len();
+    let url = match raw.url {
+        Some(RawRedisUrl::Inline(url)) => {
+            if let Err(why) = check_redis_url(&url) {
+                p.push(format!("{PATH}.url"), why);
+            }
+            RedisUrl::Inline(url)
+        }
+        Some(RawRedisUrl::From(source)) => secret_source(p, &format!("{PATH}.url"), source)
+            .map(RedisUrl::From)
+            .unwrap_or(RedisUrl::Inline(String::new())),
+        None => {
+            p.push(format!("{PATH}.url"), "required");
+            RedisUrl::Inline(String::new())
+        }
+    };
+    // A URL read at startup is checked then, `ca_file` included.
+    let tls = match &url {
+        RedisUrl::Inline(url) => url.starts_with("rediss://"),
+        RedisUrl::From(_) => true,
+    };
+    let username = raw
+        .username
+        .and_then(|s| secret_source(p, &format!("{PATH}.username"), s));
+    let password = raw
+        .password
+        .and_then(|s| secret_source(p, &format!("{PATH}.password"), s));
+    if username.is_some() && password.is_none() {
+        p.push(
+            format!("{PATH}.username"),
+            "needs `password` as well (Redis ACL users authenticate with both)",
+        );
+    }
+    let key_prefix = raw.key_prefix.unwrap_or_else(|| "oboe:".to_owned());
+    if key_prefix.len() > MAX_PREFIX_LEN
+        || key_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        p.push(
+            format!("{PATH}.key_prefix"),
+            format!("at most {MAX_PREFIX_LEN} characters, no spaces or control characters"),
+        );
+    }
+    let mut timeout = |field: &str, raw: Option<String>, default_ms: u64| {
+        let path = format!("{PATH}.{field}");
+        let d = p.duration(&path, raw.as_deref(), Duration::from_millis(default_ms));
+        if d.is_zero() || d > Duration::from_secs(5) {
+            p.push(
+                path,
+                "must be more than 0 and at most 5s: a request never waits long for Redis",
+            );
+        }
+        d
+    };
+    let connect_timeout = timeout("connect_timeout", raw.connect_timeout, 200);
+    let op_timeout = timeout("timeout", raw.timeout, 50);
+    let ca_file = raw.ca_file.map(PathBuf::from);
+    if ca_file.is_some() && !tls {
+        p.push(format!("{PATH}.ca_file"), "only used with a rediss:// url");
+    }
+    let mut encryption_keys = Vec::new();
+    match raw.encryption_keys {
+        None => p.push(
+            format!("{PATH}.encryption_keys"),
+            "required: at least one AES-256 key ({ id, key: { env | file } }); values in Redis are always encrypted",
+        ),
+        Some(list) if list.is_empty() => {
+            p.push(format!("{PATH}.encryption_keys"), "must not be empty")
+        }
+        Some(list) => {
+            let mut ids = HashSet::new();
+            for (i, raw_key) in list.into_iter().enumerate() {
+                let at = format!("{PATH}.encryption_keys[{i}]");
+                let id = match raw_key.id {
+                    Some(id)
+                        if !id.is_empty()
+                            && id.len() <= MAX_KEY_ID_LEN
+                            && id
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
+                    {
+                        if !ids.insert(id.clone()) {
+                            p.push(
+                                format!("{at}.id"),
+                                format!("{id:?} is used by an earlier key"),
+                            );
+                        }
+                        id
+                    }
+                    Some(id) => {
+                        p.push(
+                            format!("{at}.id"),
+                            format!(
+                                "{id:?}: use 1 to {MAX_KEY_ID_LEN} letters, digits, `-`, `_` and `.`"
+                            ),
+                        );
+                        continue;
+                    }
+                    None => {
+                        p.push(format!("{at}.id"), "required");
+                        continue;
+                    }
+                };
+                match raw_key.key {
+                    Some(source) => {
+                        if let Some(key) = secret_source(p, &format!("{at}.key"), source) {
+                            encryption_keys.push(EncryptionKey { id, key });
+                        }
+                    }
+                    None => p.push(
+                        format!("{at}.key"),
+                        "required: { env: VARIABLE } or { file: /path } holding 32 bytes in base64",
+                    ),
+                }
+            }
+        }
+    }
+    (p.0.len() == before).then_some(SharedCache {
+        url,
+        username,
+        password,
+        key_prefix,
+        connect_timeout,
+        timeout: op_timeout,
+        ca_file,
+        encryption_keys,
+    })
+}
+
+/// `redis://` or `rediss://`, a host, an optional port and database number,
+/// and nothing else: credentials come from `username`/`password` sources.
+pub fn check_redis_url(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("redis" | "rediss") => {}
+        _ => return Err("must start with redis:// or rediss:// (TLS)".to_owned()),
+    }
+    let authority = uri.authority().ok_or("has no host")?;
+    if authority.as_str().contains('@') {
+        return Err(
+            "must not contain credentials: set `username`/`password` as { env } or { file }"
+                .to_owned(),
+        );
+    }
+    if authority.host().is_empty() {
+        return Err("has no host".to_owned());
+    }
+    if uri.query().is_some() {
+        return Err("must not have a query".to_owned());
+    }
+    let db = uri.path().trim_start_matches('/');
+    if !db.is_empty() && db.parse::<u16>().is_err() {
+        return Err(format!(
+            "the path must be a database number like /0, not {:?}",
+            uri.path()
+        ));
+    }
+    Ok(())
 }
 
 fn route(p: &mut Problems, path: &str, raw: RawRoute) -> Option<Route> {
@@ -829,5 +995,42 @@ fn check_grants_against_provider(p: &mut Problems, routes: &[(usize, Route)], id
             }
             _ => {}
         }
+    }
+}
+
+fn telemetry(p: &mut Problems, raw: RawTelemetry) -> Telemetry {
+    let Some(otlp) = raw.otlp else {
+        return Telemetry::default();
+    };
+    let endpoint = match otlp.endpoint {
+        Some(url) if url.starts_with("http://") || url.starts_with("https://") => url,
+        Some(url) => {
+            p.push(
+                "telemetry.otlp.endpoint",
+                format!("{url:?} is not an http:// or https:// URL"),
+            );
+            url
+        }
+        None => {
+            p.push("telemetry.otlp.endpoint", "required");
+            String::new()
+        }
+    };
+    let sample_ratio = otlp.sample_ratio.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        p.push("telemetry.otlp.sample_ratio", "must be between 0.0 and 1.0");
+    }
+    if !cfg!(feature = "otlp") {
+        p.push(
+            "telemetry.otlp",
+            "this build of oboe has no OTLP export; build it with `--features otlp` or remove the section",
+        );
+    }
+    Telemetry {
+        otlp: Some(Otlp {
+            endpoint,
+            service_name: otlp.service_name.unwrap_or_else(|| "oboe".to_owned()),
+            sample_ratio,
+        }),
     }
 }

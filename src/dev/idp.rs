@@ -21,6 +21,7 @@
 //! | `GET /oidc/keys` | JWKS |
 //! | `POST /oidc/token` | RFC 8693 token exchange, client credentials |
 //! | `GET /k8s/.well-known/openid-configuration`, `/k8s/openid/v1/jwks` | the issuer of [`DevIdp::mint_federated`] tokens |
+//! | `GET /.dev/counters` | [`DevIdp::counters`] as JSON, for a caller in another process (the load benchmark) |
 //!
 //! It binds loopback only, logs loudly that it is for development, and has no
 //! clock-skew leeway: it shares one machine (and clock) with whatever calls it.
@@ -679,11 +680,7 @@ impl DevIdp {
 
     /// How many requests of each kind were received.
     pub fn counters(&self) -> Counters {
-        Counters {
-            discovery: self.inner.discovery_count.load(Ordering::SeqCst),
-            keys: self.inner.keys_count.load(Ordering::SeqCst),
-            token: self.inner.token_count.load(Ordering::SeqCst),
-        }
+        self.inner.counters()
     }
 
     /// The decoded form bodies of every token request received, in order,
@@ -758,6 +755,14 @@ impl Inner {
 
     fn oidc_token_url(&self) -> String {
         format!("{}/oidc/token", self.base)
+    }
+
+    fn counters(&self) -> Counters {
+        Counters {
+            discovery: self.discovery_count.load(Ordering::SeqCst),
+            keys: self.keys_count.load(Ordering::SeqCst),
+            token: self.token_count.load(Ordering::SeqCst),
+        }
     }
 
     fn is_tenant(&self, tenant: &str) -> bool {

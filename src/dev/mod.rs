@@ -5,6 +5,7 @@ pub mod echo;
 pub mod idp;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use tokio::net::TcpListener;
 
@@ -79,13 +80,47 @@ routes:
     )
 }
 
+/// What `oboe dev` is asked to do besides its defaults.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    /// The proxy listener address.
+    pub listen: SocketAddr,
+    /// Send the dev routes here (`http://host:port`) instead of the built-in
+    /// echo server.
+    pub upstream: Option<String>,
+    /// Mint this many user tokens (distinct `oid`/`sub`, ES256) before the
+    /// banner, one per line into the file: the load benchmark's "new user
+    /// every request".
+    pub mint_users: Option<(u64, PathBuf)>,
+    /// Read oboe's client secret from this file instead of generating one,
+    /// so that another oboe (`oboe run`) can use the dev IdP with it.
+    pub client_secret_file: Option<PathBuf>,
+}
+
+impl DevOptions {
+    /// Defaults: everything built in, nothing minted.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            upstream: None,
+            mint_users: None,
+            client_secret_file: None,
+        }
+    }
+}
+
 /// Starts the dev IdP, the echo upstream and the proxy on loopback, prints how
 /// to call them, and runs until `shutdown` completes.
 pub async fn run(
-    listen: SocketAddr,
-    upstream: Option<String>,
+    options: DevOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), RunError> {
+    let DevOptions {
+        listen,
+        upstream,
+        mint_users,
+        client_secret_file,
+    } = options;
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -102,13 +137,20 @@ pub async fn run(
             addr: loopback,
             source,
         })?;
-    // A fresh random secret, in a file only this user can read, removed on exit.
-    let secret = crate::exchange::credential::random_id();
-    idp.register_client(idp::Client::secret(DEV_OBOE_CLIENT_ID, secret.clone()));
-    let secret_file = SecretFile::write(&secret).map_err(|source| RunError::Bind {
+    // RunError has no variant for dev-only files; their errors name the file.
+    let io_error = |source| RunError::Bind {
         addr: loopback,
         source,
-    })?;
+    };
+    let secret_file = match client_secret_file {
+        Some(path) => SecretFile::given(path).map_err(io_error)?,
+        // A fresh random secret, in a file only this user can read, removed on exit.
+        None => SecretFile::write(&crate::exchange::credential::random_id()).map_err(io_error)?,
+    };
+    idp.register_client(idp::Client::secret(
+        DEV_OBOE_CLIENT_ID,
+        secret_file.secret.clone(),
+    ));
 
     let proxy = bind(listen).await?;
     let admin = bind(loopback).await?;
@@ -120,7 +162,7 @@ pub async fn run(
             .unwrap_or_else(|| format!("http://{echo_addr}")),
         idp: idp.base_url(),
     };
-    let yaml = dev_config_yaml(&setup, &secret_file.0);
+    let yaml = dev_config_yaml(&setup, &secret_file.path);
     let config: Config = match config::load_str(&yaml, figment::providers::Env::raw().only(&[])) {
         Ok(c) => c,
         Err(e) => {
@@ -129,13 +171,58 @@ pub async fn run(
             return Ok(());
         }
     };
+    if let Some((count, path)) = mint_users {
+        let minter = idp.clone();
+        let started = std::time::Instant::now();
+        let written = tokio::task::spawn_blocking(move || write_user_tokens(&minter, count, &path))
+            .await
+            .map_err(|e| io_error(std::io::Error::other(e)))?
+            .map_err(io_error)?;
+        tracing::info!(
+            users = count,
+            file = %written.display(),
+            elapsed_ms = started.elapsed().as_millis(),
+            "minted user tokens (ES256, one distinct oid per line)"
+        );
+    }
     let token = idp.mint(&idp::Mint::user(format!("api://{DEV_OBOE_CLIENT_ID}")));
     print_banner(&setup, &token);
     crate::run(config, Listeners { proxy, admin }, shutdown).await
 }
 
-/// The dev client secret on disk, deleted when dropped.
-struct SecretFile(std::path::PathBuf);
+/// Writes `count` user tokens for oboe's audience, one per line, each for
+/// its own user (`oid`, `sub`), signed ES256: about 20 times cheaper to mint
+/// than RS256, and the dev route file accepts it. Returns the path.
+fn write_user_tokens(idp: &idp::DevIdp, count: u64, path: &Path) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    let error = |e| in_file("write user tokens", path, e);
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(error)?);
+    let base =
+        idp::Mint::user(format!("api://{DEV_OBOE_CLIENT_ID}")).alg(jsonwebtoken::Algorithm::ES256);
+    for n in 0..count {
+        let spec = idp::Mint {
+            // A version-4-shaped GUID per user; the tail is the user's number.
+            oid: format!("b0e5e000-0000-4000-8000-{n:012x}"),
+            sub: format!("bench-user-{n}"),
+            ..base.clone()
+        };
+        writeln!(out, "{}", idp.mint(&spec)).map_err(error)?;
+    }
+    out.flush().map_err(error)?;
+    Ok(path.to_owned())
+}
+
+/// An I/O error that says what was done to which file.
+fn in_file(verb: &str, path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{verb} {}: {e}", path.display()))
+}
+
+/// The dev client secret on disk; a generated one is deleted when dropped.
+struct SecretFile {
+    path: PathBuf,
+    secret: String,
+    remove: bool,
+}
 
 impl SecretFile {
     fn write(secret: &str) -> std::io::Result<Self> {
@@ -149,13 +236,38 @@ impl SecretFile {
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         options.open(&path)?.write_all(secret.as_bytes())?;
-        Ok(Self(path))
+        Ok(Self {
+            path,
+            secret: secret.to_owned(),
+            remove: true,
+        })
+    }
+
+    /// A secret someone else wrote (and keeps): read, never removed.
+    fn given(path: PathBuf) -> std::io::Result<Self> {
+        let secret = std::fs::read_to_string(&path)
+            .map_err(|e| in_file("read client secret", &path, e))?
+            .trim()
+            .to_owned();
+        if secret.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("read client secret: {} is empty", path.display()),
+            ));
+        }
+        Ok(Self {
+            path,
+            secret,
+            remove: false,
+        })
     }
 }
 
 impl Drop for SecretFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if self.remove {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

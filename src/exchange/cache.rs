@@ -10,7 +10,11 @@
 //!   `try_get_with` coalesces them);
 //! - identical non-interactive failures are remembered for a few seconds so a
 //!   broken credential cannot make oboe hammer the IdP;
-//! - bounded by `max_entries`.
+//! - bounded by `max_entries`;
+//! - with a shared L2 ([`super::shared`], Redis) configured, a miss reads it
+//!   inside the single-flight init (so concurrent local misses make one Redis
+//!   read) before asking the IdP, and fresh tokens, background refreshes
+//!   included, are written to both.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,6 +28,7 @@ use moka::Expiry;
 use super::ExchangeError;
 use super::credential::Secret;
 use super::grant::Issued;
+use super::shared::SharedCache;
 use crate::clock::SharedClock;
 
 /// How long an identical non-interactive failure is answered from memory.
@@ -62,14 +67,7 @@ impl Entry {
         now_ms: u64,
         refresh_before: Duration,
     ) -> Result<Self, ExchangeError> {
-        let mut authorization =
-            http::HeaderValue::from_str(&format!("Bearer {}", issued.access_token.expose()))
-                .map_err(|_| {
-                    ExchangeError::BadAnswer(
-                        "the access token has characters a header cannot carry".into(),
-                    )
-                })?;
-        authorization.set_sensitive(true);
+        let authorization = bearer(&issued.access_token)?;
         let mut lifetime_ms = issued.expires_in.saturating_mul(1000);
         if let Some(exp) = jwt_exp(issued.access_token.expose()) {
             lifetime_ms = lifetime_ms.min(exp.saturating_mul(1000).saturating_sub(now_ms));
@@ -88,6 +86,42 @@ impl Entry {
             expires_at_ms: now_ms + lifetime_ms,
             refresh_at_ms: now_ms + serve_ms - window_ms,
             serve_until_ms: now_ms + serve_ms,
+            refreshing: AtomicBool::new(false),
+        })
+    }
+}
+
+/// `Bearer <token>`, marked sensitive.
+fn bearer(token: &Secret) -> Result<http::HeaderValue, ExchangeError> {
+    let mut authorization = http::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+        .map_err(|_| {
+            ExchangeError::BadAnswer("the access token has characters a header cannot carry".into())
+        })?;
+    authorization.set_sensitive(true);
+    Ok(authorization)
+}
+
+impl Entry {
+    /// An entry read back from the shared cache, with the lifetimes (clock
+    /// ms) it was given when it was fetched, so every replica serves and
+    /// refreshes it on the same schedule.
+    pub fn from_stored(
+        token: Secret,
+        expires_at_ms: u64,
+        refresh_at_ms: u64,
+        serve_until_ms: u64,
+    ) -> Result<Self, ExchangeError> {
+        if !(refresh_at_ms <= serve_until_ms && serve_until_ms <= expires_at_ms) {
+            return Err(ExchangeError::BadAnswer(
+                "stored lifetimes are out of order".into(),
+            ));
+        }
+        Ok(Self {
+            authorization: bearer(&token)?,
+            token,
+            expires_at_ms,
+            refresh_at_ms,
+            serve_until_ms,
             refreshing: AtomicBool::new(false),
         })
     }
@@ -185,11 +219,13 @@ impl TokenCache {
 
     /// The token for `key`: cached, or fetched once however many callers ask
     /// at the same time. Inside the refresh window the cached token is returned
-    /// and `fetch` runs once more in the background.
+    /// and `fetch` runs once more in the background. With `shared`, a miss is
+    /// looked up there before `fetch` runs, and fetched tokens are written there.
     pub async fn get<F, Fut>(
         &self,
         key: Key,
         fetch: F,
+        shared: Option<&Arc<SharedCache>>,
     ) -> (Result<Arc<Entry>, ExchangeError>, Lookup)
     where
         F: Fn() -> Fut + Send + Sync + 'static,
@@ -202,19 +238,23 @@ impl TokenCache {
         if let Some(entry) = self.entries.get(&key).await {
             if now < entry.serve_until_ms {
                 if now >= entry.refresh_at_ms && !entry.refreshing.swap(true, Ordering::AcqRel) {
-                    self.refresh_in_background(key, entry.clone(), fetch);
+                    self.refresh_in_background(key, entry.clone(), fetch, shared.cloned());
                     return (Ok(entry), Lookup::HitRefreshing);
                 }
                 return (Ok(entry), Lookup::Hit);
             }
             self.entries.invalidate(&key).await;
         }
-        let (clock, before) = (self.clock.clone(), self.refresh_before);
+        let fetch_entry = fetch_entry(fetch, self.clock.clone(), self.refresh_before);
+        let shared = shared.cloned();
         let result = self
             .entries
             .try_get_with(key, async move {
-                let issued = fetch().await?;
-                Ok::<_, ExchangeError>(Arc::new(Entry::new(issued, clock.now_ms(), before)?))
+                let entry = match shared {
+                    Some(shared) => shared.load_or_fetch(&key, fetch_entry).await?,
+                    None => fetch_entry().await?,
+                };
+                Ok::<_, ExchangeError>(Arc::new(entry))
             })
             .await
             .map_err(|shared: Arc<ExchangeError>| (*shared).clone());
@@ -226,18 +266,24 @@ impl TokenCache {
         (result, Lookup::Miss)
     }
 
-    fn refresh_in_background<F, Fut>(&self, key: Key, old: Arc<Entry>, fetch: F)
-    where
+    fn refresh_in_background<F, Fut>(
+        &self,
+        key: Key,
+        old: Arc<Entry>,
+        fetch: F,
+        shared: Option<Arc<SharedCache>>,
+    ) where
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Issued, ExchangeError>> + Send + 'static,
     {
         let entries = self.entries.clone();
-        let (clock, before) = (self.clock.clone(), self.refresh_before);
+        let fetch_entry = fetch_entry(fetch, self.clock.clone(), self.refresh_before);
         tokio::spawn(async move {
-            match fetch()
-                .await
-                .and_then(|issued| Entry::new(issued, clock.now_ms(), before))
-            {
+            let refreshed = match shared {
+                Some(shared) => shared.refresh(&key, fetch_entry).await,
+                None => fetch_entry().await,
+            };
+            match refreshed {
                 Ok(fresh) => {
                     entries.insert(key, Arc::new(fresh)).await;
                 }
@@ -249,6 +295,24 @@ impl TokenCache {
                 }
             }
         });
+    }
+}
+
+/// `fetch`, with the lifetime rules applied to what it issues.
+fn fetch_entry<F, Fut>(
+    fetch: F,
+    clock: SharedClock,
+    before: Duration,
+) -> impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Result<Entry, ExchangeError>> + Send>>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Issued, ExchangeError>> + Send + 'static,
+{
+    move || {
+        Box::pin(async move {
+            let issued = fetch().await?;
+            Entry::new(issued, clock.now_ms(), before)
+        })
     }
 }
 

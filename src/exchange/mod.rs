@@ -5,11 +5,14 @@
 //! on an OBO route before anything else, computes the cache key (hashed; never
 //! a raw token or user id), and on a miss posts the grant with oboe's client
 //! credential to the right token endpoint. Nothing here knows hyper's server side.
+//! With `cache.shared` configured, an in-memory miss is looked up in Redis
+//! first ([`shared`]), so replicas exchange each token once between them.
 
 pub mod cache;
 pub mod credential;
 pub mod grant;
 pub mod idp;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -161,6 +164,7 @@ pub struct Exchanger {
     client_auth: Arc<ClientAuth>,
     tokens: Arc<TokenClient>,
     cache: Arc<TokenCache>,
+    shared: Option<Arc<shared::SharedCache>>,
     key_mode: CacheKeyMode,
     targets: HashMap<String, Target>,
     auth: Option<Arc<Authenticator>>,
@@ -182,6 +186,9 @@ pub enum ExchangeSetupError {
     /// The credential cannot be loaded.
     #[error("load client credential: {0}")]
     Credential(#[from] CredentialError),
+    /// The shared cache's keys or credentials cannot be loaded.
+    #[error("set up the shared token cache: {0}")]
+    SharedCache(#[from] shared::SharedSetupError),
 }
 
 impl Exchanger {
@@ -207,6 +214,31 @@ impl Exchanger {
         };
         let client_auth = ClientAuth::load(credential)?;
         tracing::info!(credential = %client_auth.describe(), "client credential loaded");
+        let shared = match &config.cache.shared {
+            Some(settings) => {
+                // oboe's own identity: deployments of different apps sharing
+                // a Redis never read each other's tokens.
+                let namespace = format!(
+                    "{}\n{}\n{}",
+                    identity.client_id,
+                    identity
+                        .instance
+                        .as_deref()
+                        .or(identity.issuer.as_deref())
+                        .unwrap_or_default(),
+                    identity.tenant_id.as_deref().unwrap_or_default(),
+                );
+                let shared = Arc::new(shared::SharedCache::new(
+                    settings,
+                    &namespace,
+                    clock.clone(),
+                    metrics.clone(),
+                )?);
+                shared.warm_up();
+                Some(shared)
+            }
+            None => None,
+        };
         Ok(Some(Self {
             identity: identity.clone(),
             client_auth: Arc::new(client_auth),
@@ -216,6 +248,7 @@ impl Exchanger {
                 config.cache.refresh_before_expiry,
                 clock.clone(),
             )),
+            shared,
             key_mode: config.cache.key,
             targets,
             auth,
@@ -227,7 +260,10 @@ impl Exchanger {
     /// After a reload: keeps the previous exchanger's cached tokens and
     /// throttling state when the cache settings did not change, so a new route
     /// file does not make every user exchange again. Keys include the route
-    /// target, so entries of changed routes are simply never hit again.
+    /// target, so entries of changed routes are simply never hit again. The
+    /// shared cache (its connection and breaker) is kept when `cache.shared`
+    /// is unchanged, and otherwise replaced by the one built from the new file
+    /// (new encryption keys, say), whose keys and credentials were just read.
     pub fn keep_cache_of(
         &mut self,
         previous: &Exchanger,
@@ -239,6 +275,10 @@ impl Exchanger {
             && old.key == new.key;
         if same {
             self.cache = previous.cache.clone();
+        }
+        // The same Redis settings: keep its connection and breaker state.
+        if old.shared.is_some() && old.shared == new.shared {
+            self.shared = previous.shared.clone();
         }
         if self.client_auth.describe() == previous.client_auth.describe() {
             self.tokens = previous.tokens.clone();
@@ -329,7 +369,7 @@ impl Exchanger {
                 }
             }
         };
-        let (result, lookup) = self.cache.get(key, fetch).await;
+        let (result, lookup) = self.cache.get(key, fetch, self.shared.as_ref()).await;
         self.count_lookup(lookup);
         result
     }

@@ -98,7 +98,16 @@ impl Proxy {
                 Err(error) => self.fail(error, guard),
             };
         }
-        match self.forward(request, client, &mut guard).await {
+        // The request's span; with OTLP export its parent is the caller's
+        // `traceparent`. Disabled (and free) at the default log level.
+        let span = tracing::info_span!("request", method = %request.method());
+        #[cfg(feature = "otlp")]
+        crate::telemetry::otel::adopt_parent(&span, request.headers());
+        match self
+            .forward(request, client, &mut guard)
+            .instrument(span)
+            .await
+        {
             Ok(response) => {
                 guard.status = response.status();
                 guard.upstream_status = Some(response.status());
@@ -270,6 +279,8 @@ impl Proxy {
             original_host,
             &route.upstream.host_header,
         );
+        #[cfg(feature = "otlp")]
+        crate::telemetry::otel::inject(&tracing::Span::current(), &mut parts.headers);
         parts.uri = upstream_uri;
         // The pooled client picks HTTP/2 by ALPN; the request itself is version-neutral.
         parts.version = Version::HTTP_11;

@@ -908,9 +908,11 @@ async fn a_cached_token_is_refused_once_it_expires() {
             "{ grant: forward }"
         ),
     );
+    // Minted before the manual clock starts, so with no leeway its `iat` and
+    // `nbf` are never ahead of oboe's (stopped) clock.
+    let token = idp.mint(&user_mint().lifetime(Duration::from_secs(60)));
     let clock = oboe::clock::ManualClock::starting_now();
     let oboe = Oboe::start_with_clock(&yaml, clock.clone()).await;
-    let token = idp.mint(&user_mint().lifetime(Duration::from_secs(60)));
     assert_eq!(call(&oboe.proxy_url("/api/x"), &token).await.status, 200);
     clock.advance(Duration::from_secs(30));
     assert_eq!(call(&oboe.proxy_url("/api/x"), &token).await.status, 200);

@@ -291,3 +291,23 @@ async fn dev_runs_the_whole_flow_with_the_token_it_prints() {
         .assert_problem(401, "invalid_token");
     let _ = child.kill().await;
 }
+
+#[test]
+fn otlp_export_needs_the_otlp_build() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("oboe.yaml");
+    std::fs::write(
+        &path,
+        "telemetry:\n  otlp: { endpoint: 'http://otel-collector:4317', sample_ratio: 2 }\nroutes: []\n",
+    )
+    .expect("write route file");
+    let out = check(&path, &[]);
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("telemetry.otlp.sample_ratio"), "{stderr}");
+    if cfg!(feature = "otlp") {
+        assert!(!stderr.contains("--features otlp"), "{stderr}");
+    } else {
+        assert_eq!(out.status.code(), Some(1));
+        assert!(stderr.contains("--features otlp"), "{stderr}");
+    }
+}

@@ -70,6 +70,7 @@ fn every_kubernetes_variant_renders_and_validates_offline() {
         "kubernetes:",
         "workload-identity:",
         "certificate:",
+        "shared-cache:",
         "monitoring:",
     ] {
         assert!(

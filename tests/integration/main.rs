@@ -14,5 +14,6 @@ mod exchange;
 mod logs;
 mod proxy;
 mod reload;
+mod shared_cache;
 mod shutdown;
 mod streaming;

@@ -61,6 +61,9 @@ enum Route {
     OidcToken,
     K8sDiscovery,
     K8sKeys,
+    /// What the IdP has received so far (for the load benchmark, which runs
+    /// the IdP in another process and cannot call [`super::DevIdp::counters`]).
+    Counters,
     NotFound,
 }
 
@@ -75,6 +78,7 @@ impl Route {
             ["oidc", "token"] => Self::OidcToken,
             ["k8s", ".well-known", "openid-configuration"] => Self::K8sDiscovery,
             ["k8s", "openid", "v1", "jwks"] => Self::K8sKeys,
+            [".dev", "counters"] => Self::Counters,
             [t, "v2.0", ".well-known", "openid-configuration"] => Self::EntraV2Discovery(tenant(t)),
             [t, ".well-known", "openid-configuration"] => Self::EntraV1Discovery(tenant(t)),
             [t, "discovery", "v2.0", "keys"] | [t, "discovery", "keys"] => {
@@ -130,7 +134,7 @@ async fn handle(idp: &Inner, request: Request<Incoming>) -> Response<Full<Bytes>
             idp.keys_count.fetch_add(1, Ordering::SeqCst)
         }
         Route::EntraToken(_) | Route::OidcToken => idp.token_count.fetch_add(1, Ordering::SeqCst),
-        Route::EntraUnsupported(..) | Route::NotFound => 0,
+        Route::EntraUnsupported(..) | Route::Counters | Route::NotFound => 0,
     };
     let endpoint = match route.tenant() {
         Some(tenant) => Endpoint::Entra(tenant.to_owned()),
@@ -218,6 +222,17 @@ async fn handle(idp: &Inner, request: Request<Incoming>) -> Response<Full<Bytes>
                 k8s_discovery(idp)
             };
             cached(json_response(StatusCode::OK, &doc))
+        }
+        Route::Counters => {
+            let super::Counters {
+                discovery,
+                keys,
+                token,
+            } = idp.counters();
+            json_response(
+                StatusCode::OK,
+                &json!({ "discovery": discovery, "keys": keys, "token": token }),
+            )
         }
         Route::NotFound => json_response(StatusCode::NOT_FOUND, &json!({ "error": "not_found" })),
     }
