@@ -130,16 +130,9 @@ impl Proxy {
                 }
                 let auth = self.auth.as_ref().ok_or(Error::NoRoute)?;
                 let caller = auth.authenticate(request.headers()).await?;
-                let body = serde_json::to_vec(&caller.claims).unwrap_or_default();
-                let mut response = Response::new(Full::new(Bytes::from(body)));
-                response.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                response
-                    .headers_mut()
-                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                Ok(response)
+                Ok(private_json(
+                    serde_json::to_vec(&caller.claims).unwrap_or_default(),
+                ))
             }
             path => {
                 let name = path
@@ -163,15 +156,7 @@ impl Proxy {
                     "authorization": entry.authorization.to_str().unwrap_or_default(),
                     "expires_on": entry.expires_at_ms / 1000,
                 });
-                let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-                response.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                response
-                    .headers_mut()
-                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                Ok(response)
+                Ok(private_json(body.to_string().into_bytes()))
             }
         }
     }
@@ -335,6 +320,18 @@ impl Proxy {
             .into_response(route.as_deref())
             .map(|body| Observed::new(Either::Right(body), guard))
     }
+}
+
+/// A JSON answer that carries a credential or claims: never cached.
+fn private_json(body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 /// The upstream URI: the route's scheme and authority, its base path in place

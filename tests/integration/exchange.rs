@@ -568,18 +568,19 @@ async fn rfc8693_exchange_with_private_key_jwt_at_a_generic_idp() {
     drop(dir);
 }
 
-#[tokio::test]
-async fn refresh_window_then_expiry_judged_by_the_clock() {
-    let idp = idp().await;
+/// oboe with one OBO route to an echo upstream, judging time by `clock`;
+/// `extra` is top-level YAML (e.g. a `cache:` section).
+async fn clocked_graph(
+    idp: &DevIdp,
+    extra: &str,
+    clock: std::sync::Arc<oboe::clock::ManualClock>,
+) -> (Oboe, Upstream, tempfile::TempDir) {
     let (dir, secret) = secret_file();
     let echo = Upstream::echo().await;
+    let credential = format!("client_secret: {{ file: {secret} }}");
     let yaml = format!(
-        "{}cache:\n  refresh_before_expiry: 5m\nroutes:\n{}",
-        entra_identity(
-            &idp,
-            DEV_TENANT,
-            &format!("client_secret: {{ file: {secret} }}")
-        ),
+        "{}{extra}routes:\n{}",
+        entra_identity(idp, DEV_TENANT, &credential),
         route(
             "graph",
             "/graph/",
@@ -588,8 +589,15 @@ async fn refresh_window_then_expiry_judged_by_the_clock() {
             &obo_token()
         ),
     );
+    (Oboe::start_with_clock(&yaml, clock).await, echo, dir)
+}
+
+#[tokio::test]
+async fn refresh_window_then_expiry_judged_by_the_clock() {
+    let idp = idp().await;
     let clock = oboe::clock::ManualClock::starting_now();
-    let oboe = Oboe::start_with_clock(&yaml, clock.clone()).await;
+    let (oboe, _echo, dir) =
+        clocked_graph(&idp, "cache:\n  refresh_before_expiry: 5m\n", clock.clone()).await;
     let caller = idp.mint(&user_mint());
     let url = oboe.proxy_url("/graph/me");
     let first = upstream_authorization(&call(&url, &caller).await);
@@ -624,25 +632,8 @@ async fn refresh_window_then_expiry_judged_by_the_clock() {
 #[tokio::test]
 async fn an_entry_past_its_life_is_exchanged_again() {
     let idp = idp().await;
-    let (dir, secret) = secret_file();
-    let echo = Upstream::echo().await;
-    let yaml = format!(
-        "{}routes:\n{}",
-        entra_identity(
-            &idp,
-            DEV_TENANT,
-            &format!("client_secret: {{ file: {secret} }}")
-        ),
-        route(
-            "graph",
-            "/graph/",
-            &echo.url("/"),
-            "{ required: true }",
-            &obo_token()
-        ),
-    );
     let clock = oboe::clock::ManualClock::starting_now();
-    let oboe = Oboe::start_with_clock(&yaml, clock.clone()).await;
+    let (oboe, _echo, dir) = clocked_graph(&idp, "", clock.clone()).await;
     let url = oboe.proxy_url("/graph/me");
     let first = upstream_authorization(&call(&url, &idp.mint(&user_mint())).await);
     // One-hour token, default 5 min margin: the entry ends at 55 min.
