@@ -1590,6 +1590,24 @@ async fn keys_and_discovery_can_be_down() {
 }
 
 #[tokio::test]
+async fn counters_are_served_as_json_for_callers_in_another_process() {
+    let idp = idp().await;
+    assert_eq!(get(&idp.jwks_url(DEV_TENANT)).await.status, StatusCode::OK);
+    assert_eq!(
+        obo(&idp, &caller_token(&idp), GRAPH_READ).await.status,
+        StatusCode::OK
+    );
+    let answer = get(&format!("{}/.dev/counters", idp.base_url())).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(
+        answer.json(),
+        json!({ "discovery": 0, "keys": 1, "token": 1 })
+    );
+    // Reading the counters is not counted.
+    assert_eq!(idp.counters().keys + idp.counters().token, 2);
+}
+
+#[tokio::test]
 async fn token_lifetime_sets_expires_in_and_exp() {
     let idp = idp().await;
     idp.update_behaviour(|b| b.token_lifetime = Duration::from_secs(90));
