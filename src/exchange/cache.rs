@@ -196,16 +196,6 @@ impl TokenCache {
         }
     }
 
-    /// Entries held (approximate, for metrics).
-    pub fn len(&self) -> u64 {
-        self.entries.entry_count()
-    }
-
-    /// True when empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The cached token for `key` when it can be served as it is: present,
     /// not past its life, and not in its refresh window (or already being
     /// refreshed). The hot path: no allocation, no fetch closure to build.

@@ -312,6 +312,11 @@ pub fn random_id() -> String {
     // The system RNG failing is not recoverable; a zero id would still be unique
     // enough to not be a security problem here, as the signature binds it.
     let _ = aws_lc_rs::rand::fill(&mut bytes);
+    guid_text(&bytes)
+}
+
+/// 16 bytes in the 8-4-4-4-12 hex GUID form.
+pub fn guid_text(bytes: &[u8; 16]) -> String {
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     format!(
         "{}-{}-{}-{}-{}",

@@ -285,11 +285,6 @@ impl Exchanger {
         }
     }
 
-    /// Tokens held in the cache (approximate).
-    pub fn cached(&self) -> u64 {
-        self.cache.len()
-    }
-
     /// The downstream token for `route`, on behalf of `caller` (whose raw
     /// token is `caller_token`) for delegated grants.
     pub async fn token(

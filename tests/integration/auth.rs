@@ -23,13 +23,23 @@ fn now() -> u64 {
 
 /// A forward route (ingress guard) in front of an echo upstream.
 async fn guarded(idp: &DevIdp, caller: &str) -> (Oboe, Upstream) {
+    guarded_with(idp, caller, "", oboe::clock::system()).await
+}
+
+/// Like [`guarded`], with extra `inbound:` keys (indented YAML) and a clock.
+async fn guarded_with(
+    idp: &DevIdp,
+    caller: &str,
+    inbound: &str,
+    clock: oboe::clock::SharedClock,
+) -> (Oboe, Upstream) {
     let echo = Upstream::echo().await;
     let yaml = format!(
-        "{}routes:\n{}",
+        "{}{inbound}routes:\n{}",
         entra_identity(idp, DEV_TENANT, ""),
         route("api", "/api/", &echo.url("/"), caller, "{ grant: forward }"),
     );
-    (Oboe::start(&yaml).await, echo)
+    (Oboe::start_with_clock(&yaml, clock).await, echo)
 }
 
 fn good_claims(idp: &DevIdp) -> Value {
@@ -896,23 +906,12 @@ async fn a_token_seen_again_skips_verification_but_not_expiry() {
 #[tokio::test]
 async fn a_cached_token_is_refused_once_it_expires() {
     let idp = idp().await;
-    let echo = Upstream::echo().await;
-    let yaml = format!(
-        "{}  leeway: 0s\nroutes:\n{}",
-        entra_identity(&idp, DEV_TENANT, ""),
-        route(
-            "api",
-            "/api/",
-            &echo.url("/"),
-            "{ required: true }",
-            "{ grant: forward }"
-        ),
-    );
     // Minted before the manual clock starts, so with no leeway its `iat` and
     // `nbf` are never ahead of oboe's (stopped) clock.
     let token = idp.mint(&user_mint().lifetime(Duration::from_secs(60)));
     let clock = oboe::clock::ManualClock::starting_now();
-    let oboe = Oboe::start_with_clock(&yaml, clock.clone()).await;
+    let (oboe, echo) =
+        guarded_with(&idp, "{ required: true }", "  leeway: 0s\n", clock.clone()).await;
     assert_eq!(call(&oboe.proxy_url("/api/x"), &token).await.status, 200);
     clock.advance(Duration::from_secs(30));
     assert_eq!(call(&oboe.proxy_url("/api/x"), &token).await.status, 200);

@@ -1270,15 +1270,7 @@ fn service_principal_oid(client_id: &str) -> String {
     b.copy_from_slice(&d.as_ref()[..16]);
     b[6] = (b[6] & 0x0f) | 0x80;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    crate::exchange::credential::guid_text(&b)
 }
 
 /// Entra's timestamp format: `2016-01-09 02:02:12Z`.
