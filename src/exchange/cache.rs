@@ -39,9 +39,8 @@ pub type Key = [u8; 32];
 
 /// A cached downstream token.
 pub struct Entry {
-    /// The token.
-    pub token: Secret,
-    /// `Bearer <token>`, ready to send (marked sensitive).
+    /// `Bearer <token>`, ready to send (marked sensitive). The token is kept
+    /// only here, once: it is most of an entry's memory.
     pub authorization: http::HeaderValue,
     /// When the token itself expires (clock ms).
     pub expires_at_ms: u64,
@@ -81,7 +80,6 @@ impl Entry {
         let serve_ms = lifetime_ms - margin_ms;
         let window_ms = margin_ms.min(serve_ms / 2);
         Ok(Self {
-            token: issued.access_token,
             authorization,
             expires_at_ms: now_ms + lifetime_ms,
             refresh_at_ms: now_ms + serve_ms - window_ms,
@@ -91,9 +89,22 @@ impl Entry {
     }
 }
 
+impl Entry {
+    /// The token itself, as the IdP issued it.
+    pub fn token(&self) -> &str {
+        // `bearer` built the value from a `str` with this prefix.
+        std::str::from_utf8(self.authorization.as_bytes())
+            .ok()
+            .and_then(|v| v.strip_prefix(BEARER))
+            .unwrap_or_default()
+    }
+}
+
+const BEARER: &str = "Bearer ";
+
 /// `Bearer <token>`, marked sensitive.
 fn bearer(token: &Secret) -> Result<http::HeaderValue, ExchangeError> {
-    let mut authorization = http::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+    let mut authorization = http::HeaderValue::from_str(&format!("{BEARER}{}", token.expose()))
         .map_err(|_| {
             ExchangeError::BadAnswer("the access token has characters a header cannot carry".into())
         })?;
@@ -118,7 +129,6 @@ impl Entry {
         }
         Ok(Self {
             authorization: bearer(&token)?,
-            token,
             expires_at_ms,
             refresh_at_ms,
             serve_until_ms,

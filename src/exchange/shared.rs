@@ -126,7 +126,7 @@ impl Keys {
         let key = self.by_id.get(&self.current)?;
         let id = self.current.as_bytes();
         let mut out = Vec::with_capacity(
-            2 + id.len() + NONCE_LEN + LIFETIMES_LEN + entry.token.expose().len() + 16,
+            2 + id.len() + NONCE_LEN + LIFETIMES_LEN + entry.token().len() + 16,
         );
         out.push(VALUE_VERSION);
         out.push(u8::try_from(id.len()).ok()?);
@@ -136,11 +136,11 @@ impl Keys {
 
         let mut nonce = [0u8; NONCE_LEN];
         aws_lc_rs::rand::fill(&mut nonce).ok()?;
-        let mut sealed = Vec::with_capacity(LIFETIMES_LEN + entry.token.expose().len() + 16);
+        let mut sealed = Vec::with_capacity(LIFETIMES_LEN + entry.token().len() + 16);
         sealed.extend_from_slice(&entry.expires_at_ms.to_be_bytes());
         sealed.extend_from_slice(&entry.refresh_at_ms.to_be_bytes());
         sealed.extend_from_slice(&entry.serve_until_ms.to_be_bytes());
-        sealed.extend_from_slice(entry.token.expose().as_bytes());
+        sealed.extend_from_slice(entry.token().as_bytes());
         key.seal_in_place_append_tag(
             Nonce::assume_unique_for_key(nonce),
             Aad::from(aad.as_slice()),
@@ -797,7 +797,7 @@ mod tests {
         assert_eq!(&value[..4], b"\x01\x02k1", "version, key id length, key id");
         assert!(!value.windows(3).any(|w| w == b"eyJ"));
         let back = keys.open(KEY, &value).expect("open");
-        assert_eq!(back.token.expose(), "eyJhbGciOi.secret-token");
+        assert_eq!(back.token(), "eyJhbGciOi.secret-token");
         assert_eq!(
             (back.expires_at_ms, back.refresh_at_ms, back.serve_until_ms),
             (3_000, 2_000, 2_500)
@@ -832,8 +832,7 @@ mod tests {
             rotated
                 .open(KEY, &written_before)
                 .expect("old value")
-                .token
-                .expose(),
+                .token(),
             "before"
         );
         let written_after = rotated.seal(KEY, &entry("after")).expect("seal");
