@@ -23,6 +23,10 @@ if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('kubern
     python3 -m pip install --quiet --disable-pip-version-check "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
 fi
 
-# tests/integration/shared_cache.rs runs Debian's redis-server (started by the
-# tests on free ports; the test helper installs it too when it is missing).
+# tests/integration/shared_cache.rs and shared_topologies.rs run Debian's
+# redis-server (started by the tests on free ports, also as a sentinel with
+# `--sentinel`; the test helper installs it too when it is missing), and
+# redis-cli (package redis-tools, a dependency of redis-server) to create a
+# Redis Cluster.
 if ! command -v redis-server >/dev/null 2>&1; then apt_install redis-server; fi
+if ! command -v redis-cli >/dev/null 2>&1; then apt_install redis-tools; fi

@@ -18,7 +18,7 @@ use figment::providers::{Env, Format};
 
 pub use raw::RawConfig;
 pub use types::*;
-pub use validate::{RESERVED_PREFIX, check_redis_url, is_guid};
+pub use validate::{RESERVED_PREFIX, check_node_url, check_redis_url, is_guid};
 
 /// Top-level keys that `OBOE_*` variables may override. Other `OBOE_` variables
 /// (`OBOE_CONFIG`, `OBOE_LOG`, secrets referenced with `{ env: ... }`) are not config keys.

@@ -200,13 +200,29 @@ pub struct RawCache {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[schemars(deny_unknown_fields)]
 pub struct RawSharedCache {
+    /// How the Redis deployment is laid out: `standalone` (one server or a
+    /// single endpoint in front of several), `sentinel` (a master found
+    /// through Redis Sentinel) or `cluster` (Redis Cluster). Defaults to
+    /// `standalone`.
+    pub mode: Option<String>,
     /// `redis://host:port[/db]` or `rediss://host:port[/db]` (TLS), without
     /// credentials (those go in `username` and `password`); inline, or
     /// `{ env: VARIABLE }` / `{ file: /path }` when it comes from a Secret.
+    /// The server (`standalone`), a sentinel (`sentinel`) or a seed node
+    /// (`cluster`, e.g. ElastiCache's configuration endpoint). Set this or `urls`.
     pub url: Option<RawRedisUrl>,
+    /// `sentinel` and `cluster` only, instead of `url`: several sentinels or
+    /// seed nodes, tried in turn, so that one being down does not matter.
+    /// All use the same scheme; no database number.
+    pub urls: Option<Vec<String>>,
+    /// `sentinel` mode: the name the sentinels monitor the master under, and
+    /// the sentinels' own credentials.
+    pub sentinel: Option<RawSentinel>,
     /// Redis ACL user name (Redis 6+), from an environment variable or a file.
+    /// Used on the data nodes (the server, the master, the cluster's nodes).
     pub username: Option<RawSecretSource>,
     /// Redis password (or access key), from an environment variable or a file.
+    /// Used on the data nodes (the server, the master, the cluster's nodes).
     pub password: Option<RawSecretSource>,
     /// Prefix of every key oboe writes. Defaults to `oboe:`.
     pub key_prefix: Option<String>,
@@ -216,11 +232,26 @@ pub struct RawSharedCache {
     /// waited for. Defaults to `50ms`.
     pub timeout: Option<String>,
     /// `rediss://` only: a PEM bundle of the CA certificates that Redis's
-    /// certificate is checked against, instead of the web PKI roots.
+    /// certificate is checked against, instead of the web PKI roots (for
+    /// every node: sentinels, master, cluster nodes).
     pub ca_file: Option<String>,
     /// AES-256 keys (32 bytes, base64); the first encrypts, all decrypt. Add a
     /// new key first and keep the old one after it while entries it wrote live.
     pub encryption_keys: Option<Vec<RawEncryptionKey>>,
+}
+
+/// Redis Sentinel: which master, and how to talk to the sentinels.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct RawSentinel {
+    /// The name the sentinels monitor the master under (`sentinel monitor <name> ...`). Required.
+    pub master_name: Option<String>,
+    /// ACL user name of the sentinels, when they require one, from an
+    /// environment variable or a file.
+    pub username: Option<RawSecretSource>,
+    /// Password of the sentinels (their `requirepass`), when they require
+    /// one, from an environment variable or a file. The master's is `password`.
+    pub password: Option<RawSecretSource>,
 }
 
 /// The Redis URL: written inline or read from an environment variable or a file.

@@ -240,11 +240,15 @@ pub struct Cache {
 /// The shared L2 token cache (Redis).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SharedCache {
-    /// `redis://` or `rediss://` URL, without credentials.
-    pub url: RedisUrl,
-    /// ACL user name source.
+    /// How the deployment is laid out.
+    pub mode: RedisMode,
+    /// `redis://` or `rediss://` URLs, without credentials, all with one
+    /// scheme: the server (standalone, exactly one), the sentinels, or the
+    /// cluster's seed nodes.
+    pub urls: Vec<RedisUrl>,
+    /// ACL user name source (data nodes).
     pub username: Option<SecretSource>,
-    /// Password source.
+    /// Password source (data nodes).
     pub password: Option<SecretSource>,
     /// Prefix of every key.
     pub key_prefix: String,
@@ -258,6 +262,29 @@ pub struct SharedCache {
     pub ca_file: Option<PathBuf>,
     /// Encryption keys; the first encrypts.
     pub encryption_keys: Vec<EncryptionKey>,
+}
+
+/// How a Redis deployment is laid out, and so how oboe connects to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisMode {
+    /// One server, or one endpoint that hides the layout (a proxy).
+    Standalone,
+    /// A master found, and followed across failovers, through Redis Sentinel.
+    Sentinel(Sentinel),
+    /// Redis Cluster: keys are spread over the nodes by hash slot.
+    Cluster,
+}
+
+/// Redis Sentinel settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Sentinel {
+    /// The name the sentinels monitor the master under.
+    pub master_name: String,
+    /// The sentinels' ACL user name source.
+    pub username: Option<SecretSource>,
+    /// The sentinels' password source.
+    pub password: Option<SecretSource>,
 }
 
 /// The Redis URL, or where it is read from at startup (a Secret, when an

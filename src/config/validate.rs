@@ -536,26 +536,13 @@ const MAX_KEY_ID_LEN: usize = 32;
 fn shared_cache(p: &mut Problems, raw: RawSharedCache) -> Option<SharedCache> {
     const PATH: &str = "cache.shared";
     let before = p.0.len();
-    let url = match raw.url {
-        Some(RawRedisUrl::Inline(url)) => {
-            if let Err(why) = check_redis_url(&url) {
-                p.push(format!("{PATH}.url"), why);
-            }
-            RedisUrl::Inline(url)
-        }
-        Some(RawRedisUrl::From(source)) => secret_source(p, &format!("{PATH}.url"), source)
-            .map(RedisUrl::From)
-            .unwrap_or(RedisUrl::Inline(String::new())),
-        None => {
-            p.push(format!("{PATH}.url"), "required");
-            RedisUrl::Inline(String::new())
-        }
-    };
+    let mode = redis_mode(p, raw.mode.as_deref(), raw.sentinel);
+    let urls = redis_urls(p, &mode, raw.url, raw.urls);
     // A URL read at startup is checked then, `ca_file` included.
-    let tls = match &url {
+    let tls = urls.iter().all(|url| match url {
         RedisUrl::Inline(url) => url.starts_with("rediss://"),
         RedisUrl::From(_) => true,
-    };
+    });
     let username = raw
         .username
         .and_then(|s| secret_source(p, &format!("{PATH}.username"), s));
@@ -577,6 +564,13 @@ fn shared_cache(p: &mut Problems, raw: RawSharedCache) -> Option<SharedCache> {
         p.push(
             format!("{PATH}.key_prefix"),
             format!("at most {MAX_PREFIX_LEN} characters, no spaces or control characters"),
+        );
+    }
+    if mode == RedisMode::Cluster && key_prefix.contains(['{', '}']) {
+        // Redis Cluster hashes only what is inside the first `{...}` of a key.
+        p.push(
+            format!("{PATH}.key_prefix"),
+            "must not contain `{` or `}` with `mode: cluster`: oboe ends each key with a hash tag of its own, so that a key and its lock share a slot",
         );
     }
     let mut timeout = |field: &str, raw: Option<String>, default_ms: u64| {
@@ -654,7 +648,8 @@ fn shared_cache(p: &mut Problems, raw: RawSharedCache) -> Option<SharedCache> {
         }
     }
     (p.0.len() == before).then_some(SharedCache {
-        url,
+        mode,
+        urls,
         username,
         password,
         key_prefix,
@@ -663,6 +658,151 @@ fn shared_cache(p: &mut Problems, raw: RawSharedCache) -> Option<SharedCache> {
         ca_file,
         encryption_keys,
     })
+}
+
+/// `cache.shared.mode`, with the `sentinel` block that only `sentinel` takes.
+fn redis_mode(p: &mut Problems, raw: Option<&str>, sentinel: Option<RawSentinel>) -> RedisMode {
+    let mode = match raw {
+        None | Some("standalone") => RedisMode::Standalone,
+        Some("cluster") => RedisMode::Cluster,
+        Some("sentinel") => {
+            return RedisMode::Sentinel(sentinel_settings(p, sentinel.unwrap_or_default()));
+        }
+        Some(other) => {
+            p.push(
+                "cache.shared.mode",
+                format!("must be `standalone`, `sentinel` or `cluster`, not {other:?}"),
+            );
+            return RedisMode::Standalone;
+        }
+    };
+    if sentinel.is_some() {
+        p.push("cache.shared.sentinel", "only used with `mode: sentinel`");
+    }
+    mode
+}
+
+/// `cache.shared.sentinel` in `sentinel` mode.
+fn sentinel_settings(p: &mut Problems, raw: RawSentinel) -> Sentinel {
+    const PATH: &str = "cache.shared.sentinel";
+    let master_name = match raw.master_name {
+        Some(name)
+            if !name.is_empty() && !name.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+        {
+            name
+        }
+        Some(name) => {
+            p.push(
+                format!("{PATH}.master_name"),
+                format!("{name:?}: a name without spaces, as in `sentinel monitor <name> ...`"),
+            );
+            name
+        }
+        None => {
+            p.push(
+                format!("{PATH}.master_name"),
+                "required with `mode: sentinel`: the name the sentinels monitor the master under",
+            );
+            String::new()
+        }
+    };
+    let username = raw
+        .username
+        .and_then(|s| secret_source(p, &format!("{PATH}.username"), s));
+    let password = raw
+        .password
+        .and_then(|s| secret_source(p, &format!("{PATH}.password"), s));
+    if username.is_some() && password.is_none() {
+        p.push(
+            format!("{PATH}.username"),
+            "needs `password` as well (Redis ACL users authenticate with both)",
+        );
+    }
+    Sentinel {
+        master_name,
+        username,
+        password,
+    }
+}
+
+/// `cache.shared.url` or `cache.shared.urls`: exactly one of them, `urls`
+/// only where several nodes make sense, and one scheme for all.
+fn redis_urls(
+    p: &mut Problems,
+    mode: &RedisMode,
+    url: Option<RawRedisUrl>,
+    urls: Option<Vec<String>>,
+) -> Vec<RedisUrl> {
+    const PATH: &str = "cache.shared";
+    let listed = match (url, urls) {
+        (Some(_), Some(_)) => {
+            p.push(format!("{PATH}.urls"), "set `url` or `urls`, not both");
+            return Vec::new();
+        }
+        (None, None) => {
+            p.push(format!("{PATH}.url"), "required");
+            return Vec::new();
+        }
+        (Some(url), None) => vec![(format!("{PATH}.url"), url)],
+        (None, Some(urls)) => {
+            if *mode == RedisMode::Standalone {
+                p.push(
+                    format!("{PATH}.urls"),
+                    "only with `mode: sentinel` or `mode: cluster`; a standalone Redis has one `url`",
+                );
+            } else if urls.is_empty() {
+                p.push(format!("{PATH}.urls"), "must not be empty");
+            }
+            urls.into_iter()
+                .enumerate()
+                .map(|(i, url)| (format!("{PATH}.urls[{i}]"), RawRedisUrl::Inline(url)))
+                .collect()
+        }
+    };
+    let mut scheme = None;
+    let mut out = Vec::with_capacity(listed.len());
+    for (path, raw) in listed {
+        match raw {
+            RawRedisUrl::Inline(url) => {
+                if let Err(why) = check_node_url(&url, mode) {
+                    p.push(path, why);
+                } else if *scheme.get_or_insert(url.starts_with("rediss://"))
+                    != url.starts_with("rediss://")
+                {
+                    p.push(
+                        path,
+                        "mixes redis:// and rediss://: every node is reached the same way",
+                    );
+                }
+                out.push(RedisUrl::Inline(url));
+            }
+            RawRedisUrl::From(source) => {
+                out.extend(secret_source(p, &path, source).map(RedisUrl::From));
+            }
+        }
+    }
+    out
+}
+
+/// [`check_redis_url`], and no database number where there is none to
+/// choose: Redis Cluster has database 0 only, and a sentinel has none (the
+/// master's database is 0).
+pub fn check_node_url(url: &str, mode: &RedisMode) -> Result<(), String> {
+    check_redis_url(url)?;
+    let has_db = url
+        .parse::<http::Uri>()
+        .is_ok_and(|uri| !uri.path().trim_start_matches('/').is_empty());
+    match mode {
+        RedisMode::Standalone => Ok(()),
+        _ if !has_db => Ok(()),
+        RedisMode::Cluster => {
+            Err("no database number with `mode: cluster` (Redis Cluster has database 0 only)".to_owned())
+        }
+        RedisMode::Sentinel(_) => Err(
+            "no database number with `mode: sentinel` (the URL names a sentinel; the master's database is 0)"
+                .to_owned(),
+        ),
+    }
 }
 
 /// `redis://` or `rediss://`, a host, an optional port and database number,

@@ -8,7 +8,9 @@
 //! - keys: `{key_prefix}{hex}`, where `hex` is SHA-256 over oboe's own identity
 //!   and the in-memory cache key (itself a SHA-256 digest), so never a token, a
 //!   user id or a scope, and two deployments with different app registrations
-//!   never read each other's entries even when they share a Redis and a prefix;
+//!   never read each other's entries even when they share a Redis and a prefix.
+//!   On a Redis Cluster `hex` is a hash tag (`{key_prefix}{<hex>}` with literal
+//!   braces), so a key and its lock share a slot and go in one pipeline;
 //! - values: `1 | len(key id) | key id | 96-bit random nonce | AES-256-GCM
 //!   ciphertext and tag` of the token and its three lifetimes (absolute Unix
 //!   ms). The associated data is the Redis key and that header, so a value
@@ -25,6 +27,9 @@
 //! writes, the others poll briefly for its value and exchange on their own if
 //! it does not come in time. The lock is released only by its owner (compared
 //! by value in a Lua script).
+//!
+//! How Redis is reached (one server, Sentinel, Cluster) is [`connection`]'s
+//! business; every command here runs the same way on all three.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -36,14 +41,16 @@ use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKe
 use aws_lc_rs::digest;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use self::connection::Connection;
 use super::ExchangeError;
 use super::cache::{Entry, Key};
 use super::credential::{CredentialError, Secret, read_secret};
 use crate::clock::SharedClock;
 use crate::config::{self, SecretSource};
 use crate::telemetry::{Metrics, OutcomeLabel, ReasonLabel};
+
+mod connection;
 
 /// How long a lock holder may take before the lock expires on its own (a
 /// replica that dies while exchanging does not block the key for longer).
@@ -125,9 +132,8 @@ impl Keys {
     fn seal(&self, redis_key: &str, entry: &Entry) -> Option<Vec<u8>> {
         let key = self.by_id.get(&self.current)?;
         let id = self.current.as_bytes();
-        let mut out = Vec::with_capacity(
-            2 + id.len() + NONCE_LEN + LIFETIMES_LEN + entry.token().len() + 16,
-        );
+        let mut out =
+            Vec::with_capacity(2 + id.len() + NONCE_LEN + LIFETIMES_LEN + entry.token().len() + 16);
         out.push(VALUE_VERSION);
         out.push(u8::try_from(id.len()).ok()?);
         out.extend_from_slice(id);
@@ -315,7 +321,9 @@ impl Breaker {
 /// The shared (Redis) token cache of one exchanger.
 pub struct SharedCache {
     settings: config::SharedCache,
-    conn: ConnectionManager,
+    conn: Connection,
+    /// Whether the digest in a key is a Redis Cluster hash tag.
+    hash_tag: bool,
     keys: Keys,
     /// Digest of oboe's identity, mixed into every Redis key.
     namespace: [u8; 32],
@@ -327,7 +335,8 @@ pub struct SharedCache {
 impl std::fmt::Debug for SharedCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedCache")
-            .field("url", &self.settings.url)
+            .field("mode", &self.settings.mode)
+            .field("urls", &self.settings.urls)
             .field("encrypting_with", &self.keys.current)
             .finish_non_exhaustive()
     }
@@ -344,8 +353,7 @@ impl SharedCache {
         metrics: Arc<Metrics>,
     ) -> Result<Self, SharedSetupError> {
         let keys = Keys::load(&settings.encryption_keys)?;
-        let url = url(settings)?;
-        let conn = connect(settings, &url)?;
+        let (conn, url) = connection::connect(settings)?;
         let mut ns = [0u8; 32];
         ns.copy_from_slice(
             digest::digest(
@@ -357,6 +365,7 @@ impl SharedCache {
         let cache = Self {
             settings: settings.clone(),
             conn,
+            hash_tag: settings.mode == config::RedisMode::Cluster,
             keys,
             namespace: ns,
             breaker: Breaker::new(metrics.shared_cache_breaker.clone()),
@@ -364,6 +373,7 @@ impl SharedCache {
             metrics,
         };
         tracing::info!(
+            mode = cache.mode_name(),
             url = %url,
             encrypting_with = %cache.keys.current,
             decrypting_with = cache.keys.by_id.len(),
@@ -580,7 +590,7 @@ impl SharedCache {
             }
             Err(_) => "timeout",
             Ok(Err(e)) if e.is_timeout() => "timeout",
-            Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() => {
+            Ok(Err(e)) if connection::is_unreachable(&e) => {
                 tracing::debug!(error = %e, "shared token cache: Redis unreachable");
                 "connection"
             }
@@ -608,20 +618,39 @@ impl SharedCache {
             .inc();
     }
 
-    /// `{prefix}{hex(SHA-256(namespace, in-memory key))}`.
+    /// `{prefix}{hex(SHA-256(namespace, in-memory key))}`; on a cluster the
+    /// hex digest is wrapped in braces, a hash tag: Redis Cluster then places
+    /// the key by the digest alone, and its lock (the same digest) lands in
+    /// the same slot, so both go in one pipeline (no CROSSSLOT error).
     pub fn redis_key(&self, key: &Key) -> String {
         let mut ctx = digest::Context::new(&digest::SHA256);
         ctx.update(&self.namespace);
         ctx.update(key);
-        let mut out = String::with_capacity(self.settings.key_prefix.len() + 64);
+        let mut out = String::with_capacity(self.settings.key_prefix.len() + 66);
         out.push_str(&self.settings.key_prefix);
+        if self.hash_tag {
+            out.push('{');
+        }
         push_hex(&mut out, ctx.finish().as_ref());
+        if self.hash_tag {
+            out.push('}');
+        }
         out
     }
 
+    /// The configured `mode`, for the log.
+    fn mode_name(&self) -> &'static str {
+        match self.settings.mode {
+            config::RedisMode::Standalone => "standalone",
+            config::RedisMode::Sentinel(_) => "sentinel",
+            config::RedisMode::Cluster => "cluster",
+        }
+    }
+
+    /// `{prefix}lock:{digest}`, with the digest (hash tag included) of `redis_key`.
     fn lock_key(&self, redis_key: &str) -> String {
-        let hex = &redis_key[self.settings.key_prefix.len()..];
-        format!("{}lock:{hex}", self.settings.key_prefix)
+        let digest = &redis_key[self.settings.key_prefix.len()..];
+        format!("{}lock:{digest}", self.settings.key_prefix)
     }
 
     /// The entry in a stored value, if it decrypts, parses and is what `want`
@@ -677,14 +706,14 @@ fn random_hex<const N: usize>() -> String {
 trait Runnable: Sync {
     fn run<T: redis::FromRedisValue>(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Connection,
     ) -> impl Future<Output = redis::RedisResult<T>> + Send;
 }
 
 impl Runnable for redis::Cmd {
     fn run<T: redis::FromRedisValue>(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Connection,
     ) -> impl Future<Output = redis::RedisResult<T>> + Send {
         self.query_async(conn)
     }
@@ -693,75 +722,10 @@ impl Runnable for redis::Cmd {
 impl Runnable for redis::Pipeline {
     fn run<T: redis::FromRedisValue>(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Connection,
     ) -> impl Future<Output = redis::RedisResult<T>> + Send {
         self.query_async(conn)
     }
-}
-
-/// The URL, read from its source when it is not inline, and checked.
-fn url(settings: &config::SharedCache) -> Result<String, SharedSetupError> {
-    const PATH: &str = "cache.shared.url";
-    let url = match &settings.url {
-        config::RedisUrl::Inline(url) => return Ok(url.clone()),
-        config::RedisUrl::From(source) => read_source(PATH, source)?.expose().trim().to_owned(),
-    };
-    config::check_redis_url(&url).map_err(|why| SharedSetupError::new(PATH, why))?;
-    if settings.ca_file.is_some() && !url.starts_with("rediss://") {
-        return Err(SharedSetupError::new(
-            "cache.shared.ca_file",
-            "only used with a rediss:// url",
-        ));
-    }
-    Ok(url)
-}
-
-/// A lazy, reconnecting connection to the configured Redis.
-fn connect(
-    settings: &config::SharedCache,
-    url: &str,
-) -> Result<ConnectionManager, SharedSetupError> {
-    use redis::IntoConnectionInfo;
-    let url_error = |e: redis::RedisError| SharedSetupError::new("cache.shared.url", e.to_string());
-    let info = url.into_connection_info().map_err(url_error)?;
-    let mut redis_settings = info.redis_settings().clone();
-    if let Some(source) = &settings.username {
-        let name = read_source("cache.shared.username", source)?;
-        redis_settings = redis_settings.set_username(name.expose());
-    }
-    if let Some(source) = &settings.password {
-        let password = read_source("cache.shared.password", source)?;
-        redis_settings = redis_settings.set_password(password.expose());
-    }
-    let info = info.set_redis_settings(redis_settings);
-    let client = match &settings.ca_file {
-        Some(ca_file) => {
-            let pem = std::fs::read(ca_file).map_err(|e| {
-                SharedSetupError::new(
-                    "cache.shared.ca_file",
-                    format!("read {}: {e}", ca_file.display()),
-                )
-            })?;
-            redis::Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem),
-                },
-            )
-        }
-        None => redis::Client::open(info),
-    }
-    .map_err(url_error)?;
-    // Few, quick reconnection attempts: the breaker, not the client, decides
-    // when Redis is worth trying again.
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(settings.connect_timeout))
-        .set_response_timeout(Some(settings.timeout))
-        .set_number_of_retries(1)
-        .set_min_delay(Duration::from_millis(20))
-        .set_max_delay(Duration::from_millis(200));
-    ConnectionManager::new_lazy_with_config(client, config).map_err(url_error)
 }
 
 #[cfg(test)]

@@ -1041,6 +1041,11 @@ impl RssPeak {
 pub struct TestCa {
     /// The CA certificate as PEM, on disk.
     pub ca_file: PathBuf,
+    /// The server certificate (for 127.0.0.1) as PEM, on disk, for servers
+    /// that read files (`redis-server --tls-cert-file`).
+    pub cert_file: PathBuf,
+    /// Its private key as PEM, on disk.
+    pub key_file: PathBuf,
     leaf_der: rustls_pki_types::CertificateDer<'static>,
     leaf_key_der: Vec<u8>,
     _dir: tempfile::TempDir,
@@ -1079,8 +1084,14 @@ impl TestCa {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, ca_cert.pem()).expect("write CA file");
+        let cert_file = dir.path().join("server.pem");
+        std::fs::write(&cert_file, leaf.pem()).expect("write server certificate");
+        let key_file = dir.path().join("server-key.pem");
+        std::fs::write(&key_file, leaf_key.serialize_pem()).expect("write server key");
         Self {
             ca_file,
+            cert_file,
+            key_file,
             leaf_der: leaf.der().clone(),
             leaf_key_der: leaf_key.serialize_der(),
             _dir: dir,

@@ -15,5 +15,6 @@ mod logs;
 mod proxy;
 mod reload;
 mod shared_cache;
+mod shared_topologies;
 mod shutdown;
 mod streaming;

@@ -15,32 +15,36 @@ use crate::fixtures::*;
 use crate::harness::*;
 
 const GRAPH: &str = "https://graph.microsoft.com/User.Read";
-const PREFIX: &str = "test:";
+/// `key_prefix` of every route file here.
+pub const PREFIX: &str = "test:";
 
 // ---------------------------------------------------------------------------
 // redis-server
 // ---------------------------------------------------------------------------
 
-/// Installs Debian's `redis-server` when it is not on PATH, once per test
-/// process, so `cargo test` passes on a fresh machine.
-fn ensure_redis_server() {
+/// Installs Debian's `redis-server` (and with it `redis-cli`, package
+/// `redis-tools`) when either is not on PATH, once per test process, so
+/// `cargo test` passes on a fresh machine.
+pub fn ensure_redis_server() {
     static INSTALLED: Mutex<bool> = Mutex::new(false);
     let mut installed = INSTALLED.lock().unwrap_or_else(|p| p.into_inner());
     if *installed {
         return;
     }
-    let present = |_: ()| {
-        Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+    let present = || {
+        ["redis-server", "redis-cli"].iter().all(|program| {
+            Command::new(program)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
     };
-    if !present(()) {
+    if !present() {
         for args in [
             &["update", "-qq"][..],
-            &["install", "-y", "-qq", "redis-server"],
+            &["install", "-y", "-qq", "redis-server", "redis-tools"],
         ] {
             let status = Command::new("apt-get")
                 .args(args)
@@ -50,26 +54,38 @@ fn ensure_redis_server() {
                 .expect("run apt-get to install redis-server (scripts/test-deps.sh does too)");
             assert!(status.success(), "apt-get {args:?} failed: {status}");
         }
-        assert!(present(()), "redis-server is still not on PATH");
+        assert!(present(), "redis-server or redis-cli is still not on PATH");
     }
     *installed = true;
 }
 
 /// A `redis-server` on a loopback port, with no persistence.
-struct Redis {
-    port: u16,
+pub struct Redis {
+    /// The port it listens on.
+    pub port: u16,
+    args: Vec<String>,
     child: Option<Child>,
 }
 
 impl Redis {
-    async fn start() -> Self {
+    pub async fn start() -> Self {
+        Self::start_with(Vec::new()).await
+    }
+
+    /// Starts one with `args` before the port and persistence options (a
+    /// configuration file, `--sentinel`, cluster options).
+    pub async fn start_with(args: Vec<String>) -> Self {
         ensure_redis_server();
         for _ in 0..5 {
             let port = {
                 let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
                 l.local_addr().expect("address").port()
             };
-            let mut redis = Self { port, child: None };
+            let mut redis = Self {
+                port,
+                args: args.clone(),
+                child: None,
+            };
             if redis.spawn().await {
                 return redis;
             }
@@ -80,6 +96,7 @@ impl Redis {
     /// Starts the server on `self.port`; false if it exited (port taken).
     async fn spawn(&mut self) -> bool {
         let mut child = Command::new("redis-server")
+            .args(&self.args)
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--dir", &std::env::temp_dir().to_string_lossy()])
@@ -109,7 +126,7 @@ impl Redis {
         panic!("redis-server did not answer PING on port {}", self.port);
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
@@ -123,12 +140,12 @@ impl Redis {
             .await
     }
 
-    async fn conn(&self) -> redis::aio::MultiplexedConnection {
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
         self.try_conn().await.expect("connect to redis-server")
     }
 
     /// Kills the server (as a crash would).
-    fn stop(&mut self) {
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -141,7 +158,7 @@ impl Redis {
     }
 
     /// Every value key oboe wrote (locks excluded), with its value.
-    async fn entries(&self) -> Vec<(String, Vec<u8>)> {
+    pub async fn entries(&self) -> Vec<(String, Vec<u8>)> {
         let mut conn = self.conn().await;
         let mut keys: Vec<String> = redis::cmd("KEYS")
             .arg("*")
@@ -182,7 +199,7 @@ impl Drop for Redis {
 }
 
 /// The key id in a stored value's clear header (`1 | len | id | ...`).
-fn key_id(value: &[u8]) -> String {
+pub fn key_id(value: &[u8]) -> String {
     assert_eq!(value[0], 1, "format version");
     let len = usize::from(value[1]);
     String::from_utf8(value[2..2 + len].to_vec()).expect("UTF-8 key id")
@@ -193,13 +210,13 @@ fn key_id(value: &[u8]) -> String {
 // ---------------------------------------------------------------------------
 
 /// Encryption key files (base64 of 32 bytes) and the client secret.
-struct Secrets {
+pub struct Secrets {
     dir: tempfile::TempDir,
     client_secret: String,
 }
 
 impl Secrets {
-    fn new() -> Self {
+    pub fn new() -> Self {
         let (dir, client_secret) = secret_file();
         Self { dir, client_secret }
     }
@@ -222,6 +239,25 @@ fn route_file(
     extra: &str,
     upstream: &Upstream,
 ) -> String {
+    shared_route_file(
+        idp,
+        secrets,
+        &format!("    url: {url}\n{extra}"),
+        keys,
+        upstream,
+    )
+}
+
+/// An OBO route file whose `cache.shared` holds `where_lines` (where Redis
+/// is: `url`/`urls`, `mode`, ..., indented by four spaces), the keys
+/// `(id, byte)` (the first encrypts) and short timeouts.
+pub fn shared_route_file(
+    idp: &DevIdp,
+    secrets: &Secrets,
+    where_lines: &str,
+    keys: &[(&str, u8)],
+    upstream: &Upstream,
+) -> String {
     let keys: String = keys
         .iter()
         .map(|(id, byte)| {
@@ -232,7 +268,7 @@ fn route_file(
         })
         .collect();
     format!(
-        "{}cache:\n  shared:\n    url: {url}\n    key_prefix: \"{PREFIX}\"\n    timeout: 250ms\n    connect_timeout: 1s\n{extra}    encryption_keys:\n{keys}routes:\n{}",
+        "{}cache:\n  shared:\n{where_lines}    key_prefix: \"{PREFIX}\"\n    timeout: 250ms\n    connect_timeout: 1s\n    encryption_keys:\n{keys}routes:\n{}",
         entra_identity(
             idp,
             DEV_TENANT,
@@ -302,17 +338,17 @@ impl Cluster {
     }
 }
 
-fn oid(i: usize) -> String {
+pub fn oid(i: usize) -> String {
     format!("00000000-0000-4000-8000-{i:012}")
 }
 
-fn user(oid: &str) -> Mint {
+pub fn user(oid: &str) -> Mint {
     let mut mint = user_mint();
     mint.oid = oid.to_owned();
     mint
 }
 
-fn upstream_authorization(reply: &Reply) -> String {
+pub fn upstream_authorization(reply: &Reply) -> String {
     assert_eq!(reply.status, 200, "{}", reply.text());
     reply.json()["headers"]["authorization"][0]
         .as_str()
@@ -321,7 +357,7 @@ fn upstream_authorization(reply: &Reply) -> String {
 }
 
 /// `GET /graph/me` through `oboe` as the caller, returning what went upstream.
-async fn me(oboe: &Oboe, caller: &str) -> String {
+pub async fn me(oboe: &Oboe, caller: &str) -> String {
     upstream_authorization(&call(&oboe.proxy_url("/graph/me"), caller).await)
 }
 
@@ -701,9 +737,12 @@ async fn cache_shared_problems_are_reported_with_their_key_paths() {
     assert_eq!(shared.key_prefix, "oboe:");
     assert_eq!(shared.timeout, Duration::from_millis(50));
     assert_eq!(shared.connect_timeout, Duration::from_millis(200));
+    assert_eq!(shared.mode, oboe::config::RedisMode::Standalone);
     assert_eq!(
-        shared.url,
-        oboe::config::RedisUrl::Inline("rediss://cache.example.net:6380/2".to_owned())
+        shared.urls,
+        [oboe::config::RedisUrl::Inline(
+            "rediss://cache.example.net:6380/2".to_owned()
+        )]
     );
 
     let found = problems(
