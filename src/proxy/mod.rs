@@ -182,14 +182,15 @@ impl Proxy {
                         "no exchanger is configured".into(),
                     ))
                 })?;
-                let caller_token = bearer::extract(headers).ok().map(str::to_owned);
+                // A cheap clone (shared bytes): the headers change below.
+                let caller_value = bearer::single(headers).ok().cloned();
+                let caller_token = caller_value.as_ref().and_then(|v| bearer::token(v).ok());
                 // Boxed: the exchange future is large and only a miss needs
                 // it for long; keeping it out of the request future keeps
                 // every request's state small (moves of it showed in profiles).
-                let entry =
-                    Box::pin(exchange.token(route, caller, caller_token.as_deref())).await?;
+                let entry = Box::pin(exchange.token(route, caller, caller_token)).await?;
                 headers.remove(header::AUTHORIZATION);
-                if let Some(token) = caller_token.as_deref() {
+                if let Some(token) = caller_token {
                     remove_token_everywhere(headers, token);
                 }
                 headers.insert(header::AUTHORIZATION, entry.authorization.clone());
