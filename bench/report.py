@@ -16,10 +16,11 @@ SETUP_ORDER = {
     "direct": 0,
     "nginx": 1,
     "envoy-jwt": 2,
-    "oboe": 3,
-    "oboe-forward": 4,
-    "oboe-obo": 5,
-    "oboe-obo-miss": 6,
+    "hyper-floor": 3,
+    "oboe": 4,
+    "oboe-forward": 5,
+    "oboe-obo": 6,
+    "oboe-obo-miss": 7,
 }
 # The setups issue 6 holds to nginx's throughput, CPU and added latency.
 GOAL_SETUPS = ("oboe-forward", "oboe-obo")

@@ -4,7 +4,7 @@
 # OBO cache miss with a new user every request).
 #
 #   bash bench/run.sh [--duration 10s] [--repeat 3] [--connections "32 256"]
-#                     [--setups "direct nginx envoy-jwt oboe oboe-forward oboe-obo oboe-obo-miss"]
+#                     [--setups "direct nginx envoy-jwt hyper-floor oboe oboe-forward oboe-obo oboe-obo-miss"]
 #                     [--warmup 2s] [--skip-build] [--rate 1000] [--rate-connections 32]
 #                     [--users N]
 #   bash bench/run.sh --memory [--users 100000] [--skip-build]
@@ -39,8 +39,10 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(cd "$SCRIPT_DIR/.." && pwd)
 OUT_DIR="$SCRIPT_DIR/out"
 OBOE_BIN="$REPO_DIR/target/release/oboe"
+# examples/bare_proxy.rs: oboe's HTTP stack with none of oboe's work (hyper-floor).
+FLOOR_BIN="$REPO_DIR/target/release/examples/bare_proxy"
 
-ALL_SETUPS="direct nginx envoy-jwt oboe oboe-forward oboe-obo oboe-obo-miss"
+ALL_SETUPS="direct nginx envoy-jwt hyper-floor oboe oboe-forward oboe-obo oboe-obo-miss"
 DURATION=10s
 REPEAT=3
 CONNECTIONS="32 256"
@@ -64,9 +66,10 @@ UPSTREAM_PID=""  # nginx master of the upstream
 NGINX_PID=""     # nginx master of the reverse proxy
 ENVOY_PID="" ENVOY_BIN="" ENVOY_NOTE=""
 OBOE_PID=""      # oboe run, pass-through route
+FLOOR_PID=""     # examples/bare_proxy (hyper-floor)
 OBOE_ID_PID=""   # oboe run, dev IdP identity: /api/ forward, /graph/ On-Behalf-Of
 DEV_PID=""       # oboe dev: the development IdP
-UPSTREAM_PORT="" NGINX_PORT="" OBOE_PORT="" OBOE_ADMIN_PORT=""
+UPSTREAM_PORT="" NGINX_PORT="" OBOE_PORT="" OBOE_ADMIN_PORT="" FLOOR_PORT=""
 ENVOY_PORT="" ENVOY_ADMIN_PORT="" OBOE_ID_PORT="" OBOE_ID_ADMIN_PORT="" DEV_PORT=""
 TOKEN="" IDP_URL="" ISSUER="" AUDIENCE="" TENANT="" CLIENT_ID=""
 USERS_FILE="" USERS_STATE="" SECRET_FILE=""
@@ -274,11 +277,14 @@ build_oboe() {
     if ((SKIP_BUILD)); then
         log "--skip-build: using existing $OBOE_BIN"
     else
-        log "building oboe (cargo build --release --locked)"
-        (cd "$REPO_DIR" && cargo build --release --locked) ||
+        log "building oboe (cargo build --release --locked --bin oboe --example bare_proxy)"
+        (cd "$REPO_DIR" && cargo build --release --locked --bin oboe --example bare_proxy) ||
             die "cargo build --release --locked failed"
     fi
     [[ -x $OBOE_BIN ]] || die "$OBOE_BIN does not exist"
+    if has_setup hyper-floor && [[ ! -x $FLOOR_BIN ]]; then
+        die "$FLOOR_BIN does not exist (cargo build --release --example bare_proxy)"
+    fi
 }
 
 # ------------------------------------------------------------------------- servers
@@ -363,7 +369,7 @@ start_nginx_proxy() {
         cat <<EOF
     upstream bench_upstream {
         server 127.0.0.1:$UPSTREAM_PORT;
-        keepalive 64;
+        keepalive 1024;
         keepalive_requests 10000000;
         keepalive_timeout 300s;
     }
@@ -403,6 +409,19 @@ start_oboe() {
         die "pid $OBOE_PID is not the oboe process (CPU/RSS would be measured on the wrong process)"
     check_ok_body oboe "http://127.0.0.1:$OBOE_PORT/"
     log "oboe: pid $OBOE_PID, port $OBOE_PORT, admin $OBOE_ADMIN_PORT"
+}
+
+# The stack's floor (examples/bare_proxy.rs), pinned like every proxy.
+start_floor() {
+    local dir="$WORK_DIR/hyper-floor"
+    mkdir -p "$dir"
+    # taskset execs the proxy: $! is its pid.
+    taskset -c "$PROXY_CPU" "$FLOOR_BIN" "127.0.0.1:$FLOOR_PORT" "http://127.0.0.1:$UPSTREAM_PORT" >"$dir/floor.log" 2>&1 &
+    FLOOR_PID=$!
+    PIDS+=("$FLOOR_PID")
+    wait_http_200 hyper-floor "http://127.0.0.1:$FLOOR_PORT/" "$FLOOR_PID" "$dir/floor.log"
+    check_ok_body hyper-floor "http://127.0.0.1:$FLOOR_PORT/"
+    log "hyper-floor: pid $FLOOR_PID, port $FLOOR_PORT"
 }
 
 # `oboe dev` as the development IdP of every token-carrying setup, pinned to the
@@ -597,6 +616,7 @@ proxy_pids() {
         nginx) children_of "$NGINX_PID" ;;    # the worker(s); the master is idle
         envoy-jwt) echo "$ENVOY_PID" ;;       # main thread + 1 worker, one process
         oboe) echo "$OBOE_PID" ;;             # all threads are in the process totals
+        hyper-floor) echo "$FLOOR_PID" ;;
         oboe-forward | oboe-obo | oboe-obo-miss) echo "$OBOE_ID_PID" ;;
     esac
 }
@@ -647,6 +667,7 @@ url_for() {
         nginx) echo "http://127.0.0.1:$NGINX_PORT/" ;;
         envoy-jwt) echo "http://127.0.0.1:$ENVOY_PORT/" ;;
         oboe) echo "http://127.0.0.1:$OBOE_PORT/" ;;
+        hyper-floor) echo "http://127.0.0.1:$FLOOR_PORT/" ;;
         oboe-forward) echo "http://127.0.0.1:$OBOE_ID_PORT/api/" ;;
         oboe-obo | oboe-obo-miss) echo "http://127.0.0.1:$OBOE_ID_PORT/graph/" ;;
     esac
@@ -993,10 +1014,11 @@ main() {
     has_setup oboe-obo-miss && USERS=${USERS:-$(default_users)}
     has_setup oboe-obo-miss || USERS=0
     read -r UPSTREAM_PORT NGINX_PORT OBOE_PORT OBOE_ADMIN_PORT ENVOY_PORT ENVOY_ADMIN_PORT \
-        OBOE_ID_PORT OBOE_ID_ADMIN_PORT DEV_PORT < <(free_ports 9)
+        OBOE_ID_PORT OBOE_ID_ADMIN_PORT DEV_PORT FLOOR_PORT < <(free_ports 10)
     start_upstream
     has_setup nginx && start_nginx_proxy
     has_setup oboe && start_oboe
+    has_setup hyper-floor && start_floor
     if has_setup envoy-jwt || has_setup oboe-forward || has_setup oboe-obo || has_setup oboe-obo-miss; then
         start_dev_idp
     fi

@@ -87,7 +87,9 @@ pub struct RawUpstream {
     /// How long an idle pooled connection is kept. Defaults to `4s`, below the 5 s
     /// keep-alive of Node.js and most other servers, so oboe closes first.
     pub idle_timeout: Option<String>,
-    /// Idle connections kept per upstream host. Defaults to `64`.
+    /// Idle connections kept per upstream host. Defaults to
+    /// `limits.max_requests`, so the pool never closes a connection that a
+    /// request in flight will want again.
     pub max_idle_per_host: Option<u64>,
     /// A PEM bundle of extra CA certificates trusted besides the web PKI roots.
     pub ca_file: Option<String>,

@@ -404,3 +404,65 @@ async fn an_http2_upstream_is_spoken_to_over_tls_with_alpn_h2() {
     let again = client.get(&oboe.proxy_url("/h2/again")).await;
     assert_eq!(again.json()["version"], "HTTP/2.0");
 }
+
+/// With the default pool size, connections to the upstream that a burst of
+/// concurrent requests opened are all kept and reused by the next burst: the
+/// pool never closes a connection a request in flight will want again (a
+/// pool smaller than the concurrency churns connections under load).
+#[tokio::test]
+async fn a_burst_of_concurrent_requests_reuses_every_pooled_upstream_connection() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const BURST: usize = 100;
+    let listener = crate::harness::bind_loopback().await;
+    let addr = listener.local_addr().expect("address");
+    let connections = Arc::new(AtomicUsize::new(0));
+    // Every request waits until the whole burst is in flight, so the burst
+    // needs BURST upstream connections at once, and they all go idle together.
+    let barrier = Arc::new(tokio::sync::Barrier::new(BURST));
+    let accepted = connections.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| {
+                    let barrier = barrier.clone();
+                    async move {
+                        barrier.wait().await;
+                        Ok::<_, std::convert::Infallible>(http::Response::new(full("ok")))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let oboe = Oboe::start(&format!(
+        "routes:\n{}",
+        open_route("burst", "/", &format!("http://{addr}/"), "")
+    ))
+    .await;
+
+    let (client, url) = (Client::http1(), oboe.proxy_url("/x"));
+    for round in 1..=3 {
+        let requests = (0..BURST).map(|_| client.get(&url));
+        let replies =
+            crate::harness::within("a burst", futures_util::future::join_all(requests)).await;
+        assert!(
+            replies.iter().all(|r| r.status == StatusCode::OK),
+            "round {round}"
+        );
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            BURST,
+            "round {round}: upstream connections opened so far"
+        );
+    }
+    server.abort();
+}

@@ -42,6 +42,14 @@ const CLUSTER_RETRIES: u32 = 2;
 /// it may take this many connect timeouts.
 const SENTINEL_LOOKUP_CONNECTS: u32 = 3;
 
+/// Every Redis socket sends at once (`TCP_NODELAY`; redis-rs leaves Nagle on
+/// by default). With Nagle, a command written while an earlier one is still
+/// unacknowledged waits for the ACK, which the peer may delay: the
+/// lock-fetch-store-unlock sequence of a miss showed a tail of tens of ms.
+fn tcp() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
+}
+
 /// A connection to the configured Redis, whatever its layout. Cheap to clone:
 /// clones share the underlying connections.
 #[derive(Clone)]
@@ -254,7 +262,9 @@ fn standalone(
     if let Some(password) = auth.password() {
         redis_settings = redis_settings.set_password(password);
     }
-    let info = info.set_redis_settings(redis_settings);
+    let info = info
+        .set_redis_settings(redis_settings)
+        .set_tcp_settings(tcp());
     let client = match certs {
         Some(certs) => redis::Client::build_with_tls(info, certs),
         None => redis::Client::open(info),
@@ -280,6 +290,7 @@ fn cluster(
     certs: Option<TlsCertificates>,
 ) -> Result<ClusterConnection, SharedSetupError> {
     let mut builder = ClusterClientBuilder::new(nodes)
+        .tcp_settings(tcp())
         .retries(CLUSTER_RETRIES)
         .min_retry_wait(10)
         .max_retry_wait(100);
@@ -318,7 +329,9 @@ fn sentinel_master(
     let addresses = nodes.iter().map(|info| info.addr().clone());
     let mut builder =
         SentinelClientBuilder::new(addresses, &sentinel.master_name, SentinelServerType::Master)
-            .map_err(client_error(nodes_path(settings)))?;
+            .map_err(client_error(nodes_path(settings)))?
+            .set_client_to_redis_tcp_settings(tcp())
+            .set_client_to_sentinel_tcp_settings(tcp());
     // The sentinels name the master by address only: it is reached the way
     // they are, with the same CA bundle.
     if tls {
