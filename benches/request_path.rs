@@ -122,8 +122,13 @@ fn benches(c: &mut Criterion) {
         )
     });
 
-    // 3. Caller-token validation: a token never seen (signature verified) and
-    //    one in the verified-token cache.
+    // 3. Caller-token validation: the bearer token taken from `Authorization`
+    //    (checked character by character), then a token never seen
+    //    (signature verified) and one in the verified-token cache.
+    let sample = caller_headers(&mint());
+    c.bench_function("bearer_extract", |b| {
+        b.iter(|| oboe::auth::bearer::extract(std::hint::black_box(&sample)).expect("bearer"))
+    });
     c.bench_function("validate_fresh_rs256", |b| {
         b.iter_batched(
             || caller_headers(&mint()),
