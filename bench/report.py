@@ -17,10 +17,11 @@ SETUP_ORDER = {
     "nginx": 1,
     "envoy-jwt": 2,
     "hyper-floor": 3,
-    "oboe": 4,
-    "oboe-forward": 5,
-    "oboe-obo": 6,
-    "oboe-obo-miss": 7,
+    "hyper-same-task": 4,
+    "oboe": 5,
+    "oboe-forward": 6,
+    "oboe-obo": 7,
+    "oboe-obo-miss": 8,
 }
 # The setups issue 6 holds to nginx's throughput, CPU and added latency.
 GOAL_SETUPS = ("oboe-forward", "oboe-obo")

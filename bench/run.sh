@@ -4,7 +4,7 @@
 # OBO cache miss with a new user every request).
 #
 #   bash bench/run.sh [--duration 10s] [--repeat 3] [--connections "32 256"]
-#                     [--setups "direct nginx envoy-jwt hyper-floor oboe oboe-forward oboe-obo oboe-obo-miss"]
+#                     [--setups "direct nginx envoy-jwt hyper-floor hyper-same-task oboe oboe-forward oboe-obo oboe-obo-miss"]
 #                     [--warmup 2s] [--skip-build] [--rate 1000] [--rate-connections 32]
 #                     [--users N]
 #   bash bench/run.sh --memory [--users 100000] [--skip-build]
@@ -42,7 +42,7 @@ OBOE_BIN="$REPO_DIR/target/release/oboe"
 # examples/bare_proxy.rs: oboe's HTTP stack with none of oboe's work (hyper-floor).
 FLOOR_BIN="$REPO_DIR/target/release/examples/bare_proxy"
 
-ALL_SETUPS="direct nginx envoy-jwt hyper-floor oboe oboe-forward oboe-obo oboe-obo-miss"
+ALL_SETUPS="direct nginx envoy-jwt hyper-floor hyper-same-task oboe oboe-forward oboe-obo oboe-obo-miss"
 DURATION=10s
 REPEAT=3
 CONNECTIONS="32 256"
@@ -67,9 +67,10 @@ NGINX_PID=""     # nginx master of the reverse proxy
 ENVOY_PID="" ENVOY_BIN="" ENVOY_NOTE=""
 OBOE_PID=""      # oboe run, pass-through route
 FLOOR_PID=""     # examples/bare_proxy (hyper-floor)
+SAME_TASK_PID="" # examples/bare_proxy --same-task (hyper-same-task)
 OBOE_ID_PID=""   # oboe run, dev IdP identity: /api/ forward, /graph/ On-Behalf-Of
 DEV_PID=""       # oboe dev: the development IdP
-UPSTREAM_PORT="" NGINX_PORT="" OBOE_PORT="" OBOE_ADMIN_PORT="" FLOOR_PORT=""
+UPSTREAM_PORT="" NGINX_PORT="" OBOE_PORT="" OBOE_ADMIN_PORT="" FLOOR_PORT="" SAME_TASK_PORT=""
 ENVOY_PORT="" ENVOY_ADMIN_PORT="" OBOE_ID_PORT="" OBOE_ID_ADMIN_PORT="" DEV_PORT=""
 TOKEN="" IDP_URL="" ISSUER="" AUDIENCE="" TENANT="" CLIENT_ID=""
 USERS_FILE="" USERS_STATE="" SECRET_FILE=""
@@ -282,7 +283,7 @@ build_oboe() {
             die "cargo build --release --locked failed"
     fi
     [[ -x $OBOE_BIN ]] || die "$OBOE_BIN does not exist"
-    if has_setup hyper-floor && [[ ! -x $FLOOR_BIN ]]; then
+    if { has_setup hyper-floor || has_setup hyper-same-task; } && [[ ! -x $FLOOR_BIN ]]; then
         die "$FLOOR_BIN does not exist (cargo build --release --example bare_proxy)"
     fi
 }
@@ -411,17 +412,19 @@ start_oboe() {
     log "oboe: pid $OBOE_PID, port $OBOE_PORT, admin $OBOE_ADMIN_PORT"
 }
 
-# The stack's floor (examples/bare_proxy.rs), pinned like every proxy.
-start_floor() {
-    local dir="$WORK_DIR/hyper-floor"
+# examples/bare_proxy.rs as SETUP on PORT (extra arguments follow), pinned like
+# every proxy; sets LAST_PID.
+start_bare_proxy() {
+    local setup=$1 port=$2 dir="$WORK_DIR/$1"
+    shift 2
     mkdir -p "$dir"
     # taskset execs the proxy: $! is its pid.
-    taskset -c "$PROXY_CPU" "$FLOOR_BIN" "127.0.0.1:$FLOOR_PORT" "http://127.0.0.1:$UPSTREAM_PORT" >"$dir/floor.log" 2>&1 &
-    FLOOR_PID=$!
-    PIDS+=("$FLOOR_PID")
-    wait_http_200 hyper-floor "http://127.0.0.1:$FLOOR_PORT/" "$FLOOR_PID" "$dir/floor.log"
-    check_ok_body hyper-floor "http://127.0.0.1:$FLOOR_PORT/"
-    log "hyper-floor: pid $FLOOR_PID, port $FLOOR_PORT"
+    taskset -c "$PROXY_CPU" "$FLOOR_BIN" "127.0.0.1:$port" "http://127.0.0.1:$UPSTREAM_PORT" "$@" >"$dir/proxy.log" 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+    wait_http_200 "$setup" "http://127.0.0.1:$port/" "$LAST_PID" "$dir/proxy.log"
+    check_ok_body "$setup" "http://127.0.0.1:$port/"
+    log "$setup: pid $LAST_PID, port $port"
 }
 
 # `oboe dev` as the development IdP of every token-carrying setup, pinned to the
@@ -617,6 +620,7 @@ proxy_pids() {
         envoy-jwt) echo "$ENVOY_PID" ;;       # main thread + 1 worker, one process
         oboe) echo "$OBOE_PID" ;;             # all threads are in the process totals
         hyper-floor) echo "$FLOOR_PID" ;;
+        hyper-same-task) echo "$SAME_TASK_PID" ;;
         oboe-forward | oboe-obo | oboe-obo-miss) echo "$OBOE_ID_PID" ;;
     esac
 }
@@ -668,6 +672,7 @@ url_for() {
         envoy-jwt) echo "http://127.0.0.1:$ENVOY_PORT/" ;;
         oboe) echo "http://127.0.0.1:$OBOE_PORT/" ;;
         hyper-floor) echo "http://127.0.0.1:$FLOOR_PORT/" ;;
+        hyper-same-task) echo "http://127.0.0.1:$SAME_TASK_PORT/" ;;
         oboe-forward) echo "http://127.0.0.1:$OBOE_ID_PORT/api/" ;;
         oboe-obo | oboe-obo-miss) echo "http://127.0.0.1:$OBOE_ID_PORT/graph/" ;;
     esac
@@ -1014,11 +1019,18 @@ main() {
     has_setup oboe-obo-miss && USERS=${USERS:-$(default_users)}
     has_setup oboe-obo-miss || USERS=0
     read -r UPSTREAM_PORT NGINX_PORT OBOE_PORT OBOE_ADMIN_PORT ENVOY_PORT ENVOY_ADMIN_PORT \
-        OBOE_ID_PORT OBOE_ID_ADMIN_PORT DEV_PORT FLOOR_PORT < <(free_ports 10)
+        OBOE_ID_PORT OBOE_ID_ADMIN_PORT DEV_PORT FLOOR_PORT SAME_TASK_PORT < <(free_ports 11)
     start_upstream
     has_setup nginx && start_nginx_proxy
     has_setup oboe && start_oboe
-    has_setup hyper-floor && start_floor
+    if has_setup hyper-floor; then
+        start_bare_proxy hyper-floor "$FLOOR_PORT"
+        FLOOR_PID=$LAST_PID
+    fi
+    if has_setup hyper-same-task; then
+        start_bare_proxy hyper-same-task "$SAME_TASK_PORT" --same-task
+        SAME_TASK_PID=$LAST_PID
+    fi
     if has_setup envoy-jwt || has_setup oboe-forward || has_setup oboe-obo || has_setup oboe-obo-miss; then
         start_dev_idp
     fi

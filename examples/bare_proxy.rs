@@ -8,8 +8,15 @@
 //! What oboe's pass-through route costs above this is oboe's; what this costs
 //! above nginx is the stack's.
 //!
+//! With `--same-task` (setup `hyper-same-task`), an experiment rather than a
+//! floor: each client connection (HTTP/1.1) gets one upstream connection of
+//! its own, driven by hyper's low-level client inside the client connection's
+//! task, the way nginx handles both sides of a request in one event loop. No
+//! pool, no task per upstream connection, no channel between them. It measures
+//! what replacing hyper-util's pooled client would be worth.
+//!
 //! ```sh
-//! cargo run --release --example bare_proxy -- 127.0.0.1:8080 http://127.0.0.1:9000
+//! cargo run --release --example bare_proxy -- 127.0.0.1:8080 http://127.0.0.1:9000 [--same-task]
 //! ```
 #![forbid(unsafe_code)]
 
@@ -33,14 +40,23 @@ type Body = Either<Incoming, Empty<Bytes>>;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: bare_proxy LISTEN_ADDR UPSTREAM_URL";
+    let usage = "usage: bare_proxy LISTEN_ADDR UPSTREAM_URL [--same-task]";
     let listen: SocketAddr = args.next().ok_or(usage)?.parse()?;
     let upstream: http::Uri = args.next().ok_or(usage)?.parse()?;
     let authority = upstream.authority().ok_or(usage)?.clone();
-    tokio::runtime::Builder::new_current_thread()
+    let same_task = match args.next().as_deref() {
+        None => false,
+        Some("--same-task") => true,
+        Some(_) => return Err(usage.into()),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?
-        .block_on(serve(listen, authority))
+        .build()?;
+    if same_task {
+        runtime.block_on(serve_same_task(listen, authority))
+    } else {
+        runtime.block_on(serve(listen, authority))
+    }
 }
 
 async fn serve(
@@ -71,6 +87,56 @@ async fn serve(
                 )
             });
             let _ = server.serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+/// One upstream connection per client connection, both driven by the client
+/// connection's task.
+async fn serve_same_task(
+    listen: SocketAddr,
+    upstream: http::uri::Authority,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("listening on {}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            let Ok(upstream_stream) = tokio::net::TcpStream::connect(upstream.as_str()).await
+            else {
+                return;
+            };
+            let _ = upstream_stream.set_nodelay(true);
+            let Ok((sender, connection)) =
+                hyper::client::conn::http1::handshake(TokioIo::new(upstream_stream)).await
+            else {
+                return;
+            };
+            // HTTP/1.1 answers requests in order, so the client connection
+            // has at most one request in flight: the lock is never contended.
+            let sender = std::sync::Arc::new(tokio::sync::Mutex::new(sender));
+            let service = service_fn(move |request: Request<Incoming>| {
+                let sender = sender.clone();
+                async move {
+                    let mut sender = sender.lock().await;
+                    let response = match sender.ready().await {
+                        Ok(()) => sender.send_request(request).await.ok(),
+                        Err(_) => None,
+                    };
+                    Ok::<_, Infallible>(match response {
+                        Some(response) => response.map(Either::Left),
+                        None => status(StatusCode::BAD_GATEWAY),
+                    })
+                }
+            });
+            let server = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), service);
+            // Both halves in this task; when the client leaves, the service
+            // and its sender drop, and the upstream connection closes.
+            let _ = tokio::join!(server, connection);
         });
     }
 }
