@@ -550,18 +550,7 @@ fn shared_cache(p: &mut Problems, raw: RawSharedCache) -> Option<SharedCache> {
         RedisUrl::Inline(url) => url.starts_with("rediss://"),
         RedisUrl::From(_) => true,
     });
-    let username = raw
-        .username
-        .and_then(|s| secret_source(p, &format!("{PATH}.username"), s));
-    let password = raw
-        .password
-        .and_then(|s| secret_source(p, &format!("{PATH}.password"), s));
-    if username.is_some() && password.is_none() {
-        p.push(
-            format!("{PATH}.username"),
-            "needs `password` as well (Redis ACL users authenticate with both)",
-        );
-    }
+    let (username, password) = redis_credentials(p, PATH, raw.username, raw.password);
     let key_prefix = raw.key_prefix.unwrap_or_else(|| "oboe:".to_owned());
     if key_prefix.len() > MAX_PREFIX_LEN
         || key_prefix
@@ -667,6 +656,24 @@ fn shared_cache(p: &mut Problems, raw: RawSharedCache) -> Option<SharedCache> {
     })
 }
 
+/// `{path}.username` and `{path}.password`: a Redis ACL user needs both.
+fn redis_credentials(
+    p: &mut Problems,
+    path: &str,
+    username: Option<RawSecretSource>,
+    password: Option<RawSecretSource>,
+) -> (Option<SecretSource>, Option<SecretSource>) {
+    let username = username.and_then(|s| secret_source(p, &format!("{path}.username"), s));
+    let password = password.and_then(|s| secret_source(p, &format!("{path}.password"), s));
+    if username.is_some() && password.is_none() {
+        p.push(
+            format!("{path}.username"),
+            "needs `password` as well (Redis ACL users authenticate with both)",
+        );
+    }
+    (username, password)
+}
+
 /// `cache.shared.mode`, with the `sentinel` block that only `sentinel` takes.
 fn redis_mode(p: &mut Problems, raw: Option<&str>, sentinel: Option<RawSentinel>) -> RedisMode {
     let mode = match raw {
@@ -713,18 +720,7 @@ fn sentinel_settings(p: &mut Problems, raw: RawSentinel) -> Sentinel {
             String::new()
         }
     };
-    let username = raw
-        .username
-        .and_then(|s| secret_source(p, &format!("{PATH}.username"), s));
-    let password = raw
-        .password
-        .and_then(|s| secret_source(p, &format!("{PATH}.password"), s));
-    if username.is_some() && password.is_none() {
-        p.push(
-            format!("{PATH}.username"),
-            "needs `password` as well (Redis ACL users authenticate with both)",
-        );
-    }
+    let (username, password) = redis_credentials(p, PATH, raw.username, raw.password);
     Sentinel {
         master_name,
         username,

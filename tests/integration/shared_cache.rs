@@ -871,38 +871,3 @@ async fn a_reload_with_a_new_first_key_writes_with_it_and_keeps_memory() {
         .expect("task")
         .expect("clean exit");
 }
-
-#[tokio::test]
-async fn an_unreachable_redis_delays_neither_readiness_nor_requests() {
-    let idp = idp().await;
-    let secrets = Secrets::new();
-    let echo = Upstream::echo().await;
-    // A port nothing listens on.
-    let closed = bind_loopback().await.local_addr().expect("addr");
-    let yaml = route_file(
-        &idp,
-        &secrets,
-        &format!("redis://{closed}"),
-        &[("k1", 1)],
-        "",
-        &echo,
-    );
-    let started = Instant::now();
-    let a = Oboe::start(&yaml).await;
-    let caller = idp.mint(&user_mint());
-    let first = me(&a, &caller).await;
-    assert_eq!(me(&a, &caller).await, first);
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
-    let metrics = a.metrics().await;
-    assert!(
-        metric(
-            &metrics,
-            "oboe_shared_cache_errors_total{reason=\"connection\"}"
-        ) >= 1.0,
-        "{metrics}"
-    );
-}

@@ -478,11 +478,12 @@ async fn with_sentinel_replicas_share_the_master_and_follow_it_through_a_failove
 // ---------------------------------------------------------------------------
 
 #[tokio::test]
-async fn an_unreachable_cluster_or_sentinel_delays_neither_readiness_nor_requests() {
+async fn an_unreachable_redis_of_any_topology_delays_neither_readiness_nor_requests() {
     let d = Deployment::new().await;
     // Ports nothing listens on.
     let closed = || async { bind_loopback().await.local_addr().expect("addr") };
     for where_lines in [
+        format!("    url: redis://{}\n", closed().await),
         format!("    mode: cluster\n    url: redis://{}\n", closed().await),
         format!(
             "    mode: sentinel\n    urls: [redis://{}, redis://{}]\n    sentinel: {{ master_name: {MASTER_NAME} }}\n",
