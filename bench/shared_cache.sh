@@ -69,6 +69,10 @@ die() {
     exit 1
 }
 
+# Helpers shared with the other bench script.
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
 usage() {
     sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
@@ -96,70 +100,13 @@ parse_args() {
     [[ $CONCURRENCY =~ ^[1-9][0-9]*$ ]] || die "--concurrency must be a positive integer"
 }
 
-show_log() {
-    [[ -f $1 ]] || return 0
-    log "--- last lines of $1:"
-    tail -n 20 "$1" | sed 's/^/    /' >&2
-}
-
 curl_q() { curl --noproxy '*' -s --max-time 5 "$@"; }
-
-# Polls URL until it answers 200; dies if PID exits or the timeout passes.
-wait_http_200() {
-    local name=$1 url=$2 pid=$3 logfile=$4
-    local deadline=$((SECONDS + READY_TIMEOUT)) code=""
-    while ((SECONDS < deadline)); do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            show_log "$logfile"
-            die "$name (pid $pid) exited during startup"
-        fi
-        code=$(curl_q -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true)
-        [[ $code == 200 ]] && return 0
-        sleep 0.1
-    done
-    show_log "$logfile"
-    die "$name did not answer 200 on $url within ${READY_TIMEOUT}s (last status: ${code:-none})"
-}
 
 # GET URL with the user token TOK must answer 200 "ok".
 check_ok() {
     local name=$1 url=$2 tok=$3 body
     body=$(curl_q -f -H "Authorization: Bearer $tok" "$url") || die "$name: GET $url failed"
     [[ $body == ok ]] || die "$name: GET $url answered '$body', expected 'ok'"
-}
-
-# Sum of utime+stime (clock ticks) of PID; /proc/PID/stat fields 14 and 15.
-cpu_ticks() {
-    local stat rest f
-    stat=$(<"/proc/$1/stat") || die "pid $1 vanished"
-    rest=${stat##*) }
-    read -r -a f <<<"$rest"
-    echo $((f[11] + f[12]))
-}
-
-background_cpu_pct() {
-    local a b
-    read -r -a a < <(head -n1 /proc/stat)
-    sleep 1
-    read -r -a b < <(head -n1 /proc/stat)
-    local busy=$(((b[1] + b[2] + b[3] + b[6] + b[7] + b[8]) - (a[1] + a[2] + a[3] + a[6] + a[7] + a[8])))
-    local idle=$(((b[4] + b[5]) - (a[4] + a[5])))
-    echo $((100 * busy / (busy + idle > 0 ? busy + idle : 1)))
-}
-
-machine_line() {
-    local cpu
-    cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
-    echo "$(nproc --all) × ${cpu:-unknown CPU}, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), Linux $(uname -r)"
-}
-
-# Converts a wrk duration (812.00us, 1.20ms, 2.01s) to microseconds.
-to_us() {
-    awk -v v="$1" 'BEGIN {
-        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
-        if (u == "us") f = 1; else if (u == "ms") f = 1000; else if (u == "s") f = 1000000;
-        else { print "NaN"; exit }
-        printf "%.1f", n * f }'
 }
 
 # ----------------------------------------------------------------- install & build
@@ -289,12 +236,6 @@ start_dev_idp() {
     wait_http_200 "dev IdP" "$IDP_URL/.dev/counters" "${PID[dev]}" "$dir/dev.log"
     [[ $(wc -l <"$USERS_FILE") -eq $total ]] || die "oboe dev wrote $(wc -l <"$USERS_FILE") user tokens, expected $total"
     log "dev IdP: pid ${PID[dev]}, $IDP_URL, tenant $TENANT, client $CLIENT_ID, $total user tokens"
-}
-
-# Token requests the dev IdP has answered so far.
-idp_token_requests() {
-    curl_q -f "$IDP_URL/.dev/counters" | python3 -c 'import json, sys; print(json.load(sys.stdin)["token"])' ||
-        die "could not read the dev IdP's counters"
 }
 
 # The route file of one replica: the dev IdP's oboe client, a validated forward
